@@ -1,0 +1,22 @@
+"""class-space-saliency: explain Vision Transformers in their class embedding space.
+
+Example:
+    >>> from class_space_saliency import ClassSpaceSaliency
+    >>> maps = ClassSpaceSaliency(model).attribute(images, target=labels)  # (B, 1, h, w)
+"""
+
+from .anatomy import ViTAnatomy
+from .methods import ClassSpaceAttentionGradient, ClassSpaceSaliency, SaliencyMethod
+from .projection import Identifiability, class_identifiability, token_scores
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassSpaceAttentionGradient",
+    "ClassSpaceSaliency",
+    "Identifiability",
+    "SaliencyMethod",
+    "ViTAnatomy",
+    "class_identifiability",
+    "token_scores",
+]
