@@ -6,16 +6,34 @@ Example:
 """
 
 from .anatomy import ViTAnatomy
-from .methods import ClassSpaceAttentionGradient, ClassSpaceSaliency, SaliencyMethod
+from .methods import (
+    AttentionRollout,
+    CheferRollout,
+    ClassSpaceAttentionGradient,
+    ClassSpaceSaliency,
+    GradCAM,
+    IntensitySaliency,
+    RandomSaliency,
+    RawAttention,
+    SaliencyMethod,
+    SobelSaliency,
+)
 from .projection import Identifiability, class_identifiability, token_scores
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionRollout",
+    "CheferRollout",
     "ClassSpaceAttentionGradient",
     "ClassSpaceSaliency",
+    "GradCAM",
     "Identifiability",
+    "IntensitySaliency",
+    "RandomSaliency",
+    "RawAttention",
     "SaliencyMethod",
+    "SobelSaliency",
     "ViTAnatomy",
     "class_identifiability",
     "token_scores",

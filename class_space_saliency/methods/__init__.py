@@ -9,12 +9,24 @@ from __future__ import annotations
 from torch import nn
 
 from .base import SaliencyMethod
+from .chefer import CheferRollout
 from .class_space import ClassSpaceSaliency
 from .class_space_gradient import ClassSpaceAttentionGradient
+from .controls import IntensitySaliency, RandomSaliency, SobelSaliency
+from .gradcam import GradCAM
+from .raw_attention import RawAttention
+from .rollout import AttentionRollout
 
 METHODS: dict[str, type[SaliencyMethod]] = {
     "class_space": ClassSpaceSaliency,
     "class_space_gradient": ClassSpaceAttentionGradient,
+    "gradcam": GradCAM,
+    "rollout": AttentionRollout,
+    "chefer": CheferRollout,
+    "raw_attention": RawAttention,
+    "random": RandomSaliency,
+    "sobel": SobelSaliency,
+    "intensity": IntensitySaliency,
 }
 """Registry: method name -> class."""
 
@@ -40,8 +52,15 @@ def create_method(name: str, model: nn.Module, **kwargs) -> SaliencyMethod:
 
 __all__ = [
     "METHODS",
+    "AttentionRollout",
+    "CheferRollout",
     "ClassSpaceAttentionGradient",
     "ClassSpaceSaliency",
+    "GradCAM",
+    "IntensitySaliency",
+    "RandomSaliency",
+    "RawAttention",
     "SaliencyMethod",
+    "SobelSaliency",
     "create_method",
 ]

@@ -1,0 +1,102 @@
+"""Shared parts of the attention baselines: head fusion, the query row, attention checks.
+
+Used by :mod:`.raw_attention`, :mod:`.rollout` and :mod:`.chefer`, so that every attention
+map reads its row the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._validation import check_choice
+from ..anatomy import ViTAnatomy
+
+HEAD_FUSIONS = ("mean", "max", "min")
+"""How attention heads (B, heads, N, N) fuse into one (B, N, N) matrix."""
+
+
+def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+    """Fuse the heads of attention probabilities (B, heads, N, N) into (B, N, N).
+
+    Args:
+        attention: Post-softmax attention probabilities (B, heads, N, N).
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
+
+    Returns:
+        The fused matrix (B, N, N), in float32 (or float64 for float64 inputs).
+    """
+    head_fusion = check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+    if attention.dim() != 4:
+        raise ValueError(
+            f"attention must have shape (B, heads, N, N), got {tuple(attention.shape)}"
+        )
+    if attention.dtype != torch.float64:
+        attention = attention.float()
+    if head_fusion == "mean":
+        return attention.mean(1)
+    if head_fusion == "max":
+        return attention.amax(1)
+    return attention.amin(1)
+
+
+def image_token_row(matrix: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """The [CLS] query row of token-to-token scores (B, N, N), at image-token columns.
+
+    Models with prefix tokens read row 0 ([CLS]) at the columns after the
+    ``num_prefix_tokens`` prefix tokens (distillation and register tokens are dropped).
+    Models without any prefix token (average-pooled, no [CLS]) classify the mean of the
+    image tokens, so their map is the mean over the image-token query rows instead.
+
+    Args:
+        matrix: (B, N, N), rows = queries, columns = keys.
+        num_prefix_tokens: Tokens before the image tokens.
+
+    Returns:
+        (B, N - num_prefix_tokens) scores of the image tokens.
+    """
+    if num_prefix_tokens >= 1:
+        return matrix[:, 0, num_prefix_tokens:]
+    return matrix.mean(1)
+
+
+def check_attention_support(
+    method: str, anatomy: ViTAnatomy, model: nn.Module, differentiable: bool = False
+) -> None:
+    """Raise ``TypeError`` where ``method`` cannot read (differentiable) attention.
+
+    Args:
+        method: The method's name, for the message.
+        anatomy: The model's anatomy.
+        model: The model, for the message.
+        differentiable: Whether the method takes gradients w.r.t. the attention
+            probabilities; torchvision's ``nn.MultiheadAttention`` returns averaged-off
+            copies of its weights that are not on the gradient path of the output.
+    """
+    modules = anatomy.attention_modules
+    if modules is None:
+        raise TypeError(
+            f"{method} needs the attention probabilities of every block, but no supported "
+            f"attention modules were found in {type(model).__name__} (timm Attention with "
+            "attn_drop, or torchvision nn.MultiheadAttention)"
+        )
+    if differentiable and any(isinstance(m, nn.MultiheadAttention) for m in modules):
+        raise TypeError(
+            f"{method} needs differentiable attention probabilities, which only timm-style "
+            f"attention modules expose ({type(model).__name__} uses nn.MultiheadAttention, "
+            "whose returned weights are not on the gradient path); use AttentionRollout "
+            "or GradCAM for this model"
+        )
+
+
+@torch.no_grad()
+def record_attention(
+    anatomy: ViTAnatomy, inputs: torch.Tensor, blocks: Sequence[int]
+) -> list[torch.Tensor]:
+    """Attention probabilities (B, heads, N, N) of ``blocks`` from one forward pass, in order."""
+    blocks = list(blocks)
+    with anatomy.capture(attention=blocks) as cap:
+        cap.output = anatomy.model(inputs)
+    return [cap.attention[b] for b in blocks]

@@ -1,0 +1,114 @@
+"""Gradient-weighted attention rollout (Chefer, Gur & Wolf, ICCV 2021, "GAE")."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._validation import TargetType
+from ._attention import check_attention_support, image_token_row
+from .base import SaliencyMethod, tokens_to_grid
+
+
+def gradient_weighted_rollout(
+    attentions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Chefer et al.'s relevance: ``R = I``, then ``R <- R + Ā R`` block by block.
+
+    ``Ā = mean_h clamp(∇A ⊙ A, min=0)`` for each block's attention probabilities ``A``
+    (B, heads, N, N) and the gradient ``∇A`` of the target score w.r.t. them.
+
+    Args:
+        attentions: Attention probabilities of every block, first block first.
+        gradients: Gradients of the target score w.r.t. those probabilities.
+
+    Returns:
+        The relevance matrix (B, N, N).
+    """
+    if len(attentions) == 0 or len(attentions) != len(gradients):
+        raise ValueError(
+            f"need one gradient per attention tensor (at least one), got {len(attentions)} "
+            f"attentions and {len(gradients)} gradients"
+        )
+    relevance = None
+    for attention, gradient in zip(attentions, gradients, strict=True):
+        weighted = (gradient.float() * attention.float()).clamp(min=0).mean(1)
+        if relevance is None:
+            eye = torch.eye(weighted.shape[-1], dtype=weighted.dtype, device=weighted.device)
+            relevance = eye.expand_as(weighted)
+        relevance = relevance + weighted @ relevance
+    return relevance
+
+
+class CheferRollout(SaliencyMethod):
+    """Gradient-weighted attention rollout, the field's strongest simple baseline.
+
+    One forward pass records every block's attention probabilities, one backward pass
+    takes the gradient of the target logit (the model's output) w.r.t. all of them (each
+    gradient flows through every later block), and :func:`gradient_weighted_rollout`
+    combines them. The map is row 0 ([CLS]) of the relevance at the image-token columns;
+    models without a [CLS] token (average-pooled) get the mean over the image-token rows.
+
+    Needs differentiable attention probabilities: timm ViTs only (torchvision's
+    ``nn.MultiheadAttention`` weights are not on the gradient path; a ``TypeError`` says
+    so). The model's parameters, flags and ``.grad`` are left untouched (the gradient is
+    taken with ``torch.autograd.grad`` from a detached copy of the inputs).
+
+    Args:
+        model: A supported timm ViT.
+        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
+
+    Returns:
+        ``attribute`` returns float32 maps (B, 1, h, w).
+
+    Example:
+        >>> maps = CheferRollout(model).attribute(images, target=labels)  # (B, 1, h, w)
+    """
+
+    cost = "forward + backward to every block's attention"
+
+    def __init__(self, model: nn.Module, **anatomy_overrides) -> None:
+        super().__init__(model, **anatomy_overrides)
+        check_attention_support(type(self).__name__, self.anatomy, model, differentiable=True)
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        target: TargetType = None,
+        *,
+        upsample: bool = False,
+        max_batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Gradient-weighted rollout maps.
+
+        Args:
+            inputs: Normalised images (B, C, H, W).
+            target: ``None`` (predicted class), int, list of ints or 1-D int tensor.
+            upsample: Return maps bilinearly upsampled to the input size (H, W).
+            max_batch_size: Images per forward/backward pass.
+
+        Returns:
+            float32 maps (B, 1, h, w).
+        """
+        return self._attribute_batched(inputs, target, upsample, max_batch_size)
+
+    def _attribute(
+        self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        blocks = list(range(self.anatomy.depth))
+        # A leaf input that requires grad builds the graph without touching parameter flags.
+        leaf = inputs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            with self.anatomy.capture(attention=blocks) as cap:
+                cap.output = self.model(leaf)
+            if target is None:
+                target = cap.output.argmax(-1)
+            score = cap.output.gather(1, target[:, None]).sum()
+            attentions = [cap.attention[b] for b in blocks]
+            gradients = torch.autograd.grad(score, attentions)
+        with torch.no_grad():
+            relevance = gradient_weighted_rollout(attentions, gradients)
+        row = image_token_row(relevance, self.anatomy.num_prefix_tokens)
+        return tokens_to_grid(row.detach(), grid).unsqueeze(1)

@@ -1,0 +1,158 @@
+"""Control maps that know nothing of the model: random noise, Sobel edges, brightness.
+
+A faithful method must beat them; they validate inputs like every method (the model's
+anatomy gives the patch grid and the number of classes) but never run the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._validation import TargetType
+from .base import SaliencyMethod
+
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def pool_to_grid(
+    values: torch.Tensor, grid: tuple[int, int], patch_size: tuple[int, int]
+) -> torch.Tensor:
+    """Average pixel values (B, 1, H, W) over each patch of the grid -> (B, 1, h, w).
+
+    Pixels beyond the grid are cropped (as a strided patch embedding ignores them); a grid
+    that overhangs the image (timm ``dynamic_img_pad``) is padded with zeros, as the model
+    pads the image.
+    """
+    (h, w), (ph, pw) = grid, patch_size
+    values = values[..., : h * ph, : w * pw]
+    pad_h, pad_w = h * ph - values.shape[-2], w * pw - values.shape[-1]
+    if pad_h or pad_w:
+        values = F.pad(values, (0, pad_w, 0, pad_h))
+    return F.avg_pool2d(values, (ph, pw))
+
+
+class RandomSaliency(SaliencyMethod):
+    """Uniform random maps in [0, 1), seeded and reproducible.
+
+    Every call draws from a fresh ``torch.Generator`` seeded with ``seed`` (on the CPU,
+    then moved to the input's device), so example ``i`` of a batch gets the same map on
+    every call, for every ``max_batch_size`` and on every device; the global RNG is not
+    touched.
+
+    Args:
+        model: A supported ViT (only its patch grid and class count are used).
+        seed: The generator's seed.
+        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
+
+    Returns:
+        ``attribute`` returns float32 maps (B, 1, h, w).
+
+    Example:
+        >>> maps = RandomSaliency(model, seed=0).attribute(images)  # (B, 1, h, w)
+    """
+
+    cost = "no model pass"
+
+    def __init__(self, model: nn.Module, seed: int = 0, **anatomy_overrides) -> None:
+        super().__init__(model, **anatomy_overrides)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        target: TargetType = None,
+        *,
+        upsample: bool = False,
+        max_batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Random maps.
+
+        Args:
+            inputs: Normalised images (B, C, H, W); only their shape and device are used.
+            target: Accepted for a uniform API and ignored.
+            upsample: Return maps bilinearly upsampled to the input size (H, W).
+            max_batch_size: Images per chunk (does not change the maps).
+
+        Returns:
+            float32 maps (B, 1, h, w) in [0, 1).
+        """
+        # One generator per call, consumed chunk after chunk in batch order.
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._attribute_batched(
+            inputs, target, upsample, max_batch_size, generator=generator
+        )
+
+    def _attribute(
+        self,
+        inputs: torch.Tensor,
+        target: torch.Tensor | None,
+        grid: tuple[int, int],
+        *,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        maps = torch.rand((inputs.shape[0], 1, *grid), generator=generator)
+        return maps.to(inputs.device)
+
+
+class SobelSaliency(SaliencyMethod):
+    """Edge strength: Sobel gradient magnitude of the image, averaged over each patch.
+
+    The channel-mean image is padded by replicating its border (so the image frame is not
+    an edge), filtered with the 3x3 Sobel kernels ``gx`` and ``gy = gx.T`` and the
+    magnitude ``sqrt(gx² + gy²)`` is average-pooled onto the patch grid. The model is never
+    run.
+
+    Args:
+        model: A supported ViT (only its patch grid and class count are used).
+        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
+
+    Returns:
+        ``attribute`` returns float32 maps (B, 1, h, w).
+
+    Example:
+        >>> maps = SobelSaliency(model).attribute(images)  # (B, 1, h, w)
+    """
+
+    cost = "no model pass"
+
+    def _attribute(
+        self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        gray = inputs.detach().float().mean(1, keepdim=True)
+        padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
+        kernel_x = _SOBEL_X.to(gray.device)
+        kernels = torch.stack([kernel_x, kernel_x.T])[:, None]  # (2, 1, 3, 3)
+        edges = F.conv2d(padded, kernels).square().sum(1, keepdim=True).sqrt()
+        return pool_to_grid(edges, grid, self.anatomy.patch_size)
+
+
+class IntensitySaliency(SaliencyMethod):
+    """Brightness: the mean pixel value of each patch over all channels.
+
+    On normalised inputs ``(x_c - mean_c) / std_c`` the map is increasing in every
+    channel's raw brightness (normalisation is an increasing affine map per channel), so it
+    ranks patches by brightness, each channel weighted by ``1 / std_c``. The model is never
+    run.
+
+    Args:
+        model: A supported ViT (only its patch grid and class count are used).
+        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
+
+    Returns:
+        ``attribute`` returns float32 maps (B, 1, h, w).
+
+    Example:
+        >>> maps = IntensitySaliency(model).attribute(images)  # (B, 1, h, w)
+    """
+
+    cost = "no model pass"
+
+    def _attribute(
+        self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        gray = inputs.detach().float().mean(1, keepdim=True)
+        return pool_to_grid(gray, grid, self.anatomy.patch_size)

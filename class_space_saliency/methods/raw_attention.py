@@ -1,0 +1,67 @@
+"""Raw attention: the last block's [CLS]-to-patch attention, averaged over heads."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._validation import TargetType
+from ._attention import check_attention_support, fuse_heads, image_token_row, record_attention
+from .base import SaliencyMethod, tokens_to_grid
+
+
+class RawAttention(SaliencyMethod):
+    """The attention of [CLS] to each image token in one block, mean over heads.
+
+    Class-agnostic: ``target`` is validated and otherwise ignored. Models without a [CLS]
+    token (average-pooled) get the mean over the image-token query rows instead (see
+    :func:`~class_space_saliency.methods._attention.image_token_row`).
+
+    Args:
+        model: A supported timm or torchvision ViT.
+        layer: The block whose attention is read (default the last, ``-1``).
+        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
+
+    Returns:
+        ``attribute`` returns float32 maps (B, 1, h, w).
+
+    Example:
+        >>> maps = RawAttention(model).attribute(images)  # (B, 1, h, w)
+    """
+
+    cost = "forward only"
+
+    def __init__(self, model: nn.Module, layer: int = -1, **anatomy_overrides) -> None:
+        super().__init__(model, **anatomy_overrides)
+        check_attention_support(type(self).__name__, self.anatomy, model)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer must be an int block index, got {layer!r}")
+        self.layer = self.anatomy.resolve_layers(layer)[0]
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        target: TargetType = None,
+        *,
+        upsample: bool = False,
+        max_batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Raw attention maps.
+
+        Args:
+            inputs: Normalised images (B, C, H, W).
+            target: Accepted for a uniform API and ignored (the map is class-agnostic).
+            upsample: Return maps bilinearly upsampled to the input size (H, W).
+            max_batch_size: Images per forward pass.
+
+        Returns:
+            float32 maps (B, 1, h, w); each [CLS] row sums to at most 1 over image tokens.
+        """
+        return self._attribute_batched(inputs, target, upsample, max_batch_size)
+
+    def _attribute(
+        self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        (attention,) = record_attention(self.anatomy, inputs, [self.layer])
+        row = image_token_row(fuse_heads(attention, "mean"), self.anatomy.num_prefix_tokens)
+        return tokens_to_grid(row, grid).unsqueeze(1)

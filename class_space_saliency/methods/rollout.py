@@ -1,0 +1,198 @@
+"""Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._validation import TargetType, check_choice
+from ._attention import (
+    HEAD_FUSIONS,
+    check_attention_support,
+    fuse_heads,
+    image_token_row,
+    record_attention,
+)
+from .base import SaliencyMethod, tokens_to_grid
+
+
+def _check_discard_ratio(discard_ratio: float) -> float:
+    if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, int | float):
+        raise TypeError(f"discard_ratio must be a float in [0, 1], got {discard_ratio!r}")
+    if not 0.0 <= discard_ratio <= 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1], got {discard_ratio!r}")
+    return float(discard_ratio)
+
+
+def discard_lowest(
+    fused: torch.Tensor, discard_ratio: float, keep_first: bool = True
+) -> torch.Tensor:
+    """Set the lowest ``discard_ratio`` fraction of each example's (N, N) entries to zero.
+
+    Every example is treated on its own (never across the batch). With ``keep_first``
+    the [CLS]->[CLS] entry (0, 0) is never discarded and not counted: of the other
+    ``N*N - 1`` entries the ``int(discard_ratio * (N*N - 1))`` lowest are zeroed.
+
+    Args:
+        fused: Head-fused attention (B, N, N).
+        discard_ratio: Fraction in [0, 1].
+        keep_first: Protect entry (0, 0) (models with a [CLS] token).
+
+    Returns:
+        A new (B, N, N) tensor.
+    """
+    discard_ratio = _check_discard_ratio(discard_ratio)
+    flat = fused.flatten(1)
+    candidates = flat.shape[1] - int(keep_first)
+    count = int(discard_ratio * candidates)
+    if count == 0:
+        return fused.clone()
+    ranked = flat.clone()
+    if keep_first:
+        ranked[:, 0] = torch.inf
+    lowest = ranked.topk(count, dim=1, largest=False).indices
+    return flat.scatter(1, lowest, 0.0).reshape(fused.shape)
+
+
+def attention_rollout(
+    attentions: Sequence[torch.Tensor],
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    keep_first: bool = True,
+) -> torch.Tensor:
+    """Roll attention out over blocks: ``R = Â_L ... Â_2 Â_1``.
+
+    Per block the heads are fused, the lowest entries optionally discarded
+    (:func:`discard_lowest`), the identity added for the residual connection and every row
+    normalised to sum 1 (``Â = (A + I) / (A + I).sum(-1, keepdim=True)``).
+
+    Args:
+        attentions: Attention probabilities (B, heads, N, N) of consecutive blocks, first
+            block first.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
+        discard_ratio: Fraction of each example's lowest fused entries to zero per block.
+        keep_first: Never discard the [CLS]->[CLS] entry (0, 0).
+
+    Returns:
+        The rolled-out attention (B, N, N); every row sums to 1.
+
+    Example:
+        >>> eye = torch.eye(5).expand(2, 3, 5, 5)
+        >>> torch.equal(attention_rollout([eye, eye]), torch.eye(5).expand(2, 5, 5))
+        True
+    """
+    if len(attentions) == 0:
+        raise ValueError("attentions is empty: roll out at least one block")
+    discard_ratio = _check_discard_ratio(discard_ratio)
+    rollout = None
+    for attention in attentions:
+        fused = fuse_heads(attention, head_fusion)
+        if discard_ratio > 0:
+            fused = discard_lowest(fused, discard_ratio, keep_first)
+        eye = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+        fused = fused + eye
+        fused = fused / fused.sum(-1, keepdim=True)
+        rollout = fused if rollout is None else fused @ rollout
+    return rollout
+
+
+class AttentionRollout(SaliencyMethod):
+    """Attention rollout: the [CLS] row of the product of residual-corrected attention.
+
+    Class-agnostic: ``target`` is validated and otherwise ignored. The map is row 0 of
+    :func:`attention_rollout` at the image-token columns (prefix tokens of distilled and
+    register models dropped); models without a [CLS] token (average-pooled) get the mean
+    over the image-token rows instead (the mean-pooled output mixes all image tokens).
+
+    Args:
+        model: A supported timm or torchvision ViT.
+        head_fusion: ``"mean"`` (default), ``"max"`` or ``"min"`` over heads.
+        discard_ratio: Fraction of the lowest fused attention entries zeroed per block and
+            per example (the [CLS]->[CLS] entry is never discarded); 0 keeps all.
+        start_layer: First block rolled out (negative counts from the end).
+        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
+
+    Returns:
+        ``attribute`` returns float32 maps (B, 1, h, w).
+
+    Example:
+        >>> explainer = AttentionRollout(model, head_fusion="max", discard_ratio=0.9)
+        >>> maps = explainer.attribute(images)  # (B, 1, h, w)
+    """
+
+    cost = "forward only"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        head_fusion: str = "mean",
+        discard_ratio: float = 0.0,
+        start_layer: int = 0,
+        **anatomy_overrides,
+    ) -> None:
+        super().__init__(model, **anatomy_overrides)
+        check_attention_support(type(self).__name__, self.anatomy, model)
+        self.head_fusion = check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
+        self.discard_ratio = _check_discard_ratio(discard_ratio)
+        self.start_layer = self._resolve_start(start_layer)
+
+    def _resolve_start(self, start_layer: int) -> int:
+        if isinstance(start_layer, bool) or not isinstance(start_layer, int):
+            raise TypeError(f"start_layer must be an int block index, got {start_layer!r}")
+        return self.anatomy.resolve_layers(start_layer)[0]
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        target: TargetType = None,
+        *,
+        head_fusion: str | None = None,
+        discard_ratio: float | None = None,
+        start_layer: int | None = None,
+        upsample: bool = False,
+        max_batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Attention rollout maps.
+
+        Args:
+            inputs: Normalised images (B, C, H, W).
+            target: Accepted for a uniform API and ignored (the map is class-agnostic).
+            head_fusion: Overrides the constructor's head fusion.
+            discard_ratio: Overrides the constructor's discard ratio.
+            start_layer: Overrides the constructor's first block.
+            upsample: Return maps bilinearly upsampled to the input size (H, W).
+            max_batch_size: Images per forward pass.
+
+        Returns:
+            float32 maps (B, 1, h, w).
+        """
+        return self._attribute_batched(
+            inputs,
+            target,
+            upsample,
+            max_batch_size,
+            head_fusion=check_choice("head_fusion", head_fusion or self.head_fusion, HEAD_FUSIONS),
+            discard_ratio=self.discard_ratio
+            if discard_ratio is None
+            else _check_discard_ratio(discard_ratio),
+            start_layer=self.start_layer
+            if start_layer is None
+            else self._resolve_start(start_layer),
+        )
+
+    def _attribute(
+        self,
+        inputs: torch.Tensor,
+        target: torch.Tensor | None,
+        grid: tuple[int, int],
+        *,
+        head_fusion: str,
+        discard_ratio: float,
+        start_layer: int,
+    ) -> torch.Tensor:
+        prefix = self.anatomy.num_prefix_tokens
+        attentions = record_attention(self.anatomy, inputs, range(start_layer, self.anatomy.depth))
+        rollout = attention_rollout(attentions, head_fusion, discard_ratio, keep_first=prefix > 0)
+        return tokens_to_grid(image_token_row(rollout, prefix), grid).unsqueeze(1)
