@@ -1,0 +1,315 @@
+"""Perturbation curves and their areas, batched over images and steps.
+
+All ``B * S`` perturbed inputs of a batch (B images, S steps) go through the model in chunks
+of ``max_batch_size``; the perturbed images (or token sequences) of a chunk are built in one
+vectorised operation. Token removal runs each kept length as its own group of shorter
+sequences, packing proportionally more of them into a chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from torch import nn
+
+from ..methods.base import upsample_maps
+from .protocols import Protocol
+
+TOKEN_MODEL_PARTS = ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head")
+
+
+def curve_x(protocol: Protocol, num_points: int) -> list[float]:
+    """The x values (fractions of units perturbed) of a curve with ``num_points`` points.
+
+    Example:
+        >>> curve_x(PROTOCOLS["vilas2023/positive"], 3)
+        [0.25, 0.5, 0.75]
+    """
+    if protocol.steps is None:  # every count k = 1 … N-1 of N = num_points + 1 units
+        return [k / (num_points + 1) for k in range(1, num_points + 1)]
+    return list(protocol.steps)
+
+
+def step_counts(protocol: Protocol, num_units: int) -> tuple[list[float], list[int]]:
+    """The x values of the curve and the number of units perturbed at each step.
+
+    Args:
+        protocol: Supplies ``steps`` (fractions, or ``None`` for every count 1 … N-1).
+        num_units: Pixels, patches or image tokens of one input.
+
+    Returns:
+        ``(x, counts)``: fractions perturbed and ``floor(x * num_units)`` per step.
+
+    Example:
+        >>> step_counts(PROTOCOLS["chefer2021/positive"], 20)[1]
+        [0, 2, 4, 6, 8, 10, 12, 14, 16, 18]
+    """
+    if protocol.steps is None:
+        if num_units < 2:
+            raise ValueError(f"{protocol.name}: steps=None needs at least 2 units")
+        counts = list(range(1, num_units))
+    else:
+        # round before flooring so that e.g. 0.29 * 100 = 28.999999999999996 counts 29 units
+        counts = [math.floor(round(f * num_units, 6)) for f in protocol.steps]
+    return curve_x(protocol, len(counts)), counts
+
+
+def area_under_curve(curves: np.ndarray, x: Sequence[float], rule: str) -> np.ndarray:
+    """Area of each curve along the last axis.
+
+    Args:
+        curves: (..., S) curve values.
+        x: The S x values.
+        rule: ``"trapezoid"``, ``"trapezoid_percent"`` or ``"max_normalised_sum"`` (see
+            :class:`~class_space_saliency.evaluation.protocols.Protocol`).
+
+    Returns:
+        (...) areas.
+
+    Example:
+        >>> area_under_curve(np.array([1.0, 0.0]), [0.0, 1.0], "trapezoid")
+        array(0.5)
+    """
+    curves = np.asarray(curves, dtype=np.float64)
+    if rule == "trapezoid":
+        return np.trapezoid(curves, np.asarray(x, dtype=np.float64), axis=-1)
+    if rule == "trapezoid_percent":
+        return np.trapezoid(curves, np.asarray(x, dtype=np.float64), axis=-1) * 100.0
+    if rule == "max_normalised_sum":
+        top = curves.max(axis=-1) * curves.shape[-1]
+        total = curves.sum(axis=-1)
+        return np.divide(total, top, out=np.zeros_like(total), where=top != 0)
+    raise ValueError(f"unknown AUC rule {rule!r}")
+
+
+def score_logits(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
+    """Per-row score of ``targets`` from (G, C) logits: accuracy, probability or logit."""
+    if score == "accuracy":
+        return (logits.argmax(-1) == targets).float()
+    if score == "probability":
+        return logits.float().softmax(-1).gather(1, targets[:, None])[:, 0]
+    if score == "logit":
+        return logits.float().gather(1, targets[:, None])[:, 0]
+    raise ValueError(f"unknown score {score!r}")
+
+
+def perturbation_ranks(values: torch.Tensor, order: str) -> torch.Tensor:
+    """Rank of every unit in the perturbation order (0 = perturbed first).
+
+    Args:
+        values: (B, P) saliency per unit.
+        order: ``"positive"`` (most salient first) or ``"negative"`` (least salient first).
+
+    Returns:
+        (B, P) long ranks; ties keep the units' raster order.
+    """
+    keys = -values if order == "positive" else values
+    ordering = torch.argsort(keys, dim=1, stable=True)
+    positions = torch.arange(values.shape[1], device=values.device).expand_as(ordering)
+    return torch.empty_like(ordering).scatter_(1, ordering, positions)
+
+
+def baseline_images(
+    protocol: Protocol,
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dataset_mean: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What the hidden pixels show, in the normalised space of ``images``.
+
+    Args:
+        protocol: Supplies ``baseline`` and the blur knobs.
+        images: Normalised images (B, C, H, W).
+        mean: Per-channel mean of the model's normalisation.
+        std: Per-channel std of the model's normalisation.
+        dataset_mean: Per-channel mean (C,) of the evaluated images in normalised space;
+            needed by the ``"mean"`` baseline.
+
+    Returns:
+        (B, C, H, W) baseline images.
+    """
+    if protocol.baseline == "zero":
+        return torch.zeros_like(images)
+    if protocol.baseline == "blur":
+        kernel, sigma = protocol.blur_kernel_size, protocol.blur_sigma
+        return TF.gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+    if protocol.baseline == "black":
+        mean_t = images.new_tensor(mean)
+        value = -mean_t / images.new_tensor(std)
+    elif protocol.baseline == "mean":
+        if dataset_mean is None:
+            raise ValueError(f"{protocol.name}: the 'mean' baseline needs dataset_mean")
+        value = dataset_mean.to(images)
+    else:
+        raise ValueError(f"{protocol.name}: no baseline image for {protocol.baseline!r}")
+    return value.view(1, -1, 1, 1).expand_as(images)
+
+
+def check_token_model(model: nn.Module) -> None:
+    """Raise ``TypeError`` unless tokens can be removed from ``model``'s sequence.
+
+    Token removal needs a timm-style ViT: ``patch_embed``, ``_pos_embed`` (optionally
+    ``patch_drop``, ``norm_pre``), ``blocks``, ``norm``, ``forward_head`` and
+    ``num_prefix_tokens``.
+    """
+    missing = [
+        name for name in (*TOKEN_MODEL_PARTS, "num_prefix_tokens") if not hasattr(model, name)
+    ]
+    if missing:
+        raise TypeError(
+            f"token removal is not supported for {type(model).__name__}: it needs a timm-style "
+            f"VisionTransformer, missing {missing}; use a pixel or patch protocol instead"
+        )
+
+
+def embed_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Token sequence (B, prefix + N, D) after position embeddings (and ``norm_pre``)."""
+    tokens = model.patch_embed(images)
+    tokens = model._pos_embed(tokens)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+        raise TypeError(
+            f"token removal is not supported for {type(model).__name__}: _pos_embed must "
+            "return one (B, N, D) tensor"
+        )
+    for name in ("patch_drop", "norm_pre"):
+        tokens = getattr(model, name, nn.Identity())(tokens)
+    return tokens
+
+
+def classify_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits from a (shortened) token sequence: blocks, final norm, the model's head."""
+    for block in model.blocks:
+        tokens = block(tokens)
+    return model.forward_head(model.norm(tokens))
+
+
+def _image_forward(
+    model: nn.Module, images: torch.Tensor, baseline: torch.Tensor, grid: tuple[int, int]
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Forward of images whose visible units (G, P) come from the image, the rest baseline."""
+
+    def forward(rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        mask = visible.view(-1, 1, *grid)
+        if mask.shape[-2:] != images.shape[-2:]:
+            mask = F.interpolate(mask.float(), size=images.shape[-2:], mode="nearest").bool()
+        return model(torch.where(mask, images[rows], baseline[rows]))
+
+    return forward
+
+
+def _token_forward(
+    model: nn.Module, tokens: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Forward of token sequences that keep the prefix and the visible image tokens."""
+    prefix = int(model.num_prefix_tokens)
+
+    def forward(rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        count = int(visible[0].sum())  # every row of a chunk keeps as many tokens
+        kept = visible.nonzero()[:, 1].view(rows.shape[0], count)  # raster order per row
+        image_tokens = tokens[rows, prefix:]
+        index = kept[..., None].expand(-1, -1, image_tokens.shape[-1])
+        sequence = torch.cat([tokens[rows, :prefix], image_tokens.gather(1, index)], 1)
+        return classify_tokens(model, sequence)
+
+    return forward
+
+
+def _unit_values(
+    protocol: Protocol, maps: torch.Tensor, images: torch.Tensor
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Saliency per perturbation unit, flattened (B, P), and the unit grid."""
+    if maps.dim() != 4 or maps.shape[:2] != (images.shape[0], 1):
+        raise ValueError(
+            f"maps must have shape (B, 1, h, w) with B = {images.shape[0]}, got {tuple(maps.shape)}"
+        )
+    maps = maps.to(images.device, torch.float32)
+    if protocol.unit == "pixel":
+        maps = upsample_maps(maps, images.shape[-2:])
+    return maps.flatten(1), (maps.shape[-2], maps.shape[-1])
+
+
+@torch.no_grad()
+def perturbation_curves(
+    model: nn.Module,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    protocol: Protocol,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    max_batch_size: int = 256,
+    dataset_mean: torch.Tensor | None = None,
+) -> tuple[list[float], torch.Tensor]:
+    """Score of ``targets`` along the perturbation path of ``protocol``, for every image.
+
+    Args:
+        model: The classifier (in eval mode); a timm-style ViT for token protocols.
+        images: Normalised images (B, C, H, W) on the model's device.
+        maps: Saliency (B, 1, h, w) on the patch grid (h * w = image tokens for tokens).
+        targets: (B,) class scored per image.
+        protocol: The perturbation test.
+        mean: Per-channel mean of the model's normalisation (pixel protocols).
+        std: Per-channel std of the model's normalisation.
+        max_batch_size: Inputs per forward pass; token sequences shorter than the full one
+            are packed in proportionally larger chunks.
+        dataset_mean: Normalised per-channel mean for the ``"mean"`` baseline.
+
+    Returns:
+        ``(x, curves)``: the S x values and float32 curves (B, S) on the CPU.
+
+    Example:
+        >>> x, curves = perturbation_curves(model, images, maps, labels,
+        ...     PROTOCOLS["chefer2021/positive"], mean=(0.5,) * 3, std=(0.5,) * 3)
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    values, grid = _unit_values(protocol, maps, images)
+    ranks = perturbation_ranks(values, protocol.order)
+    num_units = values.shape[1]
+    x, counts = step_counts(protocol, num_units)
+    insertion = protocol.mode == "insertion"
+    if protocol.unit == "token":
+        check_token_model(model)
+        tokens = embed_tokens(model, images)
+        prefix = int(model.num_prefix_tokens)
+        if tokens.shape[1] - prefix != num_units:
+            raise ValueError(
+                f"maps have {num_units} patches but the model made "
+                f"{tokens.shape[1] - prefix} image tokens"
+            )
+        forward = _token_forward(model, tokens)
+    else:
+        baseline = baseline_images(protocol, images, mean, std, dataset_mean)
+        forward = _image_forward(model, images, baseline, grid)
+        prefix = 0
+
+    # group the steps by input length (image inputs all have the full length)
+    full_length = prefix + num_units
+    groups: dict[int, list[int]] = {}
+    for step, count in enumerate(counts):
+        visible = count if insertion else num_units - count
+        length = prefix + visible if protocol.unit == "token" else full_length
+        groups.setdefault(length, []).append(step)
+
+    batch = images.shape[0]
+    device = images.device
+    curves = torch.empty(batch, len(counts))
+    targets = targets.to(device)
+    counts_t = torch.tensor(counts, device=device)
+    for length, steps in groups.items():
+        step_index = torch.tensor(steps, device=device).repeat_interleave(batch)
+        rows = torch.arange(batch, device=device).repeat(len(steps))
+        chunk = max(1, max_batch_size * full_length // max(length, 1))
+        for start in range(0, rows.shape[0], chunk):
+            r, s = rows[start : start + chunk], step_index[start : start + chunk]
+            perturbed = ranks[r] < counts_t[s, None]
+            logits = forward(r, perturbed if insertion else ~perturbed)
+            curves[r.cpu(), s.cpu()] = score_logits(logits, targets[r], protocol.score).cpu()
+    return x, curves

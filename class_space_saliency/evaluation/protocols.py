@@ -1,0 +1,230 @@
+"""Faithfulness protocols: every knob of a perturbation test, named, with the field's presets.
+
+A :class:`Protocol` describes one curve: which units are perturbed (pixels, patches or
+tokens), in which order, with what they are replaced, what is scored and how the curve is
+summarised. Each preset yields its pair of curves as separately named sub-protocols, e.g.
+``"chefer2021/positive"`` and ``"chefer2021/negative"``; change any knob with
+:func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .._validation import check_choice
+
+UNITS = ("pixel", "patch", "token")
+ORDERS = ("positive", "negative")
+MODES = ("deletion", "insertion")
+BASELINES = ("black", "zero", "mean", "blur")
+SCORES = ("accuracy", "probability", "logit")
+CLASSES = ("label", "predicted")
+AUC_RULES = ("trapezoid", "trapezoid_percent", "max_normalised_sum")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One perturbation curve and how it is summarised.
+
+        Attributes:
+            name: ``"preset/curve"``, e.g. ``"chefer2021/positive"``.
+            steps: Fractions of the units perturbed at each point of the curve; the count at
+                fraction ``f`` of ``N`` units is ``floor(f * N)``. ``None``: every count
+                ``k = 1 … N-1`` (the x value is then ``k / N``).
+            unit: ``"pixel"`` (the patch map bilinearly upsampled to the input), ``"patch"``
+                (whole patches of the patch grid) or ``"token"`` (image tokens removed from the
+                sequence after the position embeddings are added; timm ViTs only).
+            order: ``"positive"``: the most salient units are perturbed first; ``"negative"``:
+                the least salient first.
+            mode: ``"deletion"``: perturbed units are replaced by the baseline (or removed);
+                ``"insertion"``: the curve starts from the baseline and perturbed units are
+                revealed.
+            baseline: What hidden pixels show: ``"black"`` (0 in [0, 1] pixel space,
+                re-normalised), ``"zero"`` (0 in normalised space), ``"mean"`` (per-channel
+                mean of the evaluated images), ``"blur"`` (Gaussian blur of the image); ``None``
+                for token removal.
+            score: What is recorded at each step: ``"accuracy"`` (top-1 prediction equals the
+                scored class), ``"probability"`` or ``"logit"`` of the scored class.
+            map_class: The class the saliency map explains: ``"label"`` or ``"predicted"``
+                (the clean prediction).
+            score_class: The class that is scored: ``"label"`` or ``"predicted"``.
+            auc: ``"trapezoid"`` (``trapz(y, x)``), ``"trapezoid_percent"``
+                (``trapz(y, x) * 100``) or ``"max_normalised_sum"``
+                (``sum(y) / (max(y) * len(y))``, 0 for an all-zero curve).
+            blur_kernel_size: Gaussian kernel size of the ``"blur"`` baseline.
+            blur_sigma: Gaussian sigma of the ``"blur"`` baseline.
+
+        Example:
+            >>> import dataclasses
+    import itertools
+            >>> fine = dataclasses.replace(PROTOCOLS["rise2018/deletion"], steps=(0, 0.5, 1))
+    """
+
+    name: str
+    steps: tuple[float, ...] | None
+    unit: str
+    order: str
+    mode: str
+    baseline: str | None
+    score: str
+    map_class: str
+    score_class: str
+    auc: str
+    blur_kernel_size: int = 11
+    blur_sigma: float = 5.0
+
+    def __post_init__(self) -> None:
+        check_choice("unit", self.unit, UNITS)
+        check_choice("order", self.order, ORDERS)
+        check_choice("mode", self.mode, MODES)
+        check_choice("score", self.score, SCORES)
+        check_choice("map_class", self.map_class, CLASSES)
+        check_choice("score_class", self.score_class, CLASSES)
+        check_choice("auc", self.auc, AUC_RULES)
+        if self.unit == "token":
+            if self.baseline is not None:
+                raise ValueError(f"token removal takes no baseline, got {self.baseline!r}")
+        else:
+            check_choice("baseline", self.baseline, BASELINES)
+        if self.steps is not None:
+            steps = tuple(float(step) for step in self.steps)
+            if not steps or any(not 0.0 <= step <= 1.0 for step in steps):
+                raise ValueError(f"steps must be fractions in [0, 1], got {self.steps!r}")
+            if any(b <= a for a, b in itertools.pairwise(steps)):
+                raise ValueError(f"steps must be strictly increasing, got {self.steps!r}")
+            object.__setattr__(self, "steps", steps)
+        if self.blur_kernel_size < 1 or self.blur_kernel_size % 2 == 0:
+            raise ValueError(f"blur_kernel_size must be odd, got {self.blur_kernel_size}")
+
+    @property
+    def preset(self) -> str:
+        """The preset this curve belongs to (the name before ``/``)."""
+        return self.name.split("/")[0]
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a more faithful map gives a higher AUC.
+
+        Deleting the most salient units first should destroy the score fast (lower is
+        better); deleting the least salient first, or inserting the most salient first,
+        should keep or restore it (higher is better).
+        """
+        return (self.mode == "insertion") == (self.order == "positive")
+
+
+def _chefer2021(order: str) -> Protocol:
+    return Protocol(
+        name=f"chefer2021/{order}",
+        steps=tuple(i / 10 for i in range(10)),
+        unit="pixel",
+        order=order,
+        mode="deletion",
+        baseline="black",
+        score="accuracy",
+        map_class="predicted",
+        score_class="label",
+        auc="trapezoid_percent",
+    )
+
+
+def _rise2018(mode: str) -> Protocol:
+    return Protocol(
+        name=f"rise2018/{mode}",
+        steps=tuple(i / 20 for i in range(21)),
+        unit="pixel",
+        order="positive",
+        mode=mode,
+        baseline="zero" if mode == "deletion" else "blur",
+        score="probability",
+        map_class="predicted",
+        score_class="predicted",
+        auc="trapezoid",
+    )
+
+
+def _vilas2023(order: str) -> Protocol:
+    return Protocol(
+        name=f"vilas2023/{order}",
+        steps=None,
+        unit="token",
+        order=order,
+        mode="deletion",
+        baseline=None,
+        score="accuracy",
+        map_class="label",
+        score_class="label",
+        auc="max_normalised_sum",
+    )
+
+
+PRESETS: dict[str, tuple[Protocol, ...]] = {
+    "chefer2021": (_chefer2021("positive"), _chefer2021("negative")),
+    "rise2018": (_rise2018("deletion"), _rise2018("insertion")),
+    "vilas2023": (_vilas2023("positive"), _vilas2023("negative")),
+}
+"""Preset name -> its pair of curves.
+
+- ``chefer2021`` (Chefer et al. 2021): pixels of the upsampled map set to black at
+  ``p = 0, .1, …, .9``; top-1 accuracy w.r.t. the label for maps of the predicted class;
+  AUC ``trapz(acc, p) * 100``. Positive: lower is better; negative: higher is better.
+- ``rise2018`` (Petsiuk et al. 2018): deletion to the normalised zero, insertion from a
+  Gaussian blur (kernel 11, sigma 5), both on a 0.05 grid of pixel fractions; probability of
+  the predicted class; trapezoid AUC on ``[0, 1]``. Deletion: lower is better; insertion:
+  higher is better.
+- ``vilas2023`` (Vilas et al. 2023): image tokens removed from the sequence after the
+  position embeddings; the positive test keeps the ``n`` least important, the negative test
+  the ``n`` most important, ``n = 1 … N-1``; top-1 accuracy w.r.t. the label for maps of the
+  label; AUC ``sum(acc) / (max(acc) * steps)`` of the mean curve.
+"""
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for pair in PRESETS.values() for p in pair}
+"""Sub-protocol name (``"chefer2021/positive"`` …) -> :class:`Protocol`."""
+
+
+def resolve_protocols(specs: Sequence[str | Protocol]) -> list[Protocol]:
+    """Expand preset names, sub-protocol names and :class:`Protocol` objects to a list.
+
+    Args:
+        specs: E.g. ``["chefer2021", "rise2018/deletion", my_protocol]``.
+
+    Returns:
+        The protocols in the given order (a preset contributes both of its curves).
+
+    Raises:
+        ValueError: For an unknown name, an empty list or two protocols with one name.
+
+    Example:
+        >>> [p.name for p in resolve_protocols(["vilas2023"])]
+        ['vilas2023/positive', 'vilas2023/negative']
+    """
+    if isinstance(specs, str | Protocol):
+        specs = [specs]
+    resolved: list[Protocol] = []
+    for spec in specs:
+        if isinstance(spec, Protocol):
+            resolved.append(spec)
+        elif spec in PRESETS:
+            resolved.extend(PRESETS[spec])
+        elif spec in PROTOCOLS:
+            resolved.append(PROTOCOLS[spec])
+        else:
+            raise ValueError(
+                f"unknown protocol {spec!r}; presets: {sorted(PRESETS)}, "
+                f"curves: {sorted(PROTOCOLS)}"
+            )
+    names = [p.name for p in resolved]
+    if not names:
+        raise ValueError("no protocols given")
+    if len(set(names)) != len(names):
+        raise ValueError(f"protocol names must be unique, got {names}")
+    return resolved
+
+
+def protocol_to_dict(protocol: Protocol) -> dict:
+    """All knobs of ``protocol`` as a JSON-ready dict (inverse: ``Protocol(**d)``)."""
+    knobs = dataclasses.asdict(protocol)
+    knobs["steps"] = None if protocol.steps is None else list(protocol.steps)
+    return knobs
