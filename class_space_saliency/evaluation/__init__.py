@@ -1,15 +1,35 @@
-"""Faithfulness evaluation: perturbation protocols and curves."""
+"""Faithfulness evaluation: perturbation protocols, curves, the benchmark runner and report.
+
+Example:
+    >>> from class_space_saliency.evaluation import run_benchmark
+    >>> report = run_benchmark(model, (images, labels), ["class_space"], ["chefer2021"],
+    ...     mean=(0.5,) * 3, std=(0.5,) * 3, out_dir="runs/a")
+"""
 
 from .curves import area_under_curve, curve_x, perturbation_curves, step_counts
+from .datasets import ImageFolderDataset, TensorPairDataset, UnreadableImageError
 from .protocols import PRESETS, PROTOCOLS, Protocol, resolve_protocols
+from .report import BenchmarkReport, MethodRow, summarize, write_report
+from .runner import run_benchmark
+from .store import load_config, load_records
 
 __all__ = [
     "PRESETS",
     "PROTOCOLS",
+    "BenchmarkReport",
+    "ImageFolderDataset",
+    "MethodRow",
     "Protocol",
+    "TensorPairDataset",
+    "UnreadableImageError",
     "area_under_curve",
     "curve_x",
+    "load_config",
+    "load_records",
     "perturbation_curves",
     "resolve_protocols",
+    "run_benchmark",
     "step_counts",
+    "summarize",
+    "write_report",
 ]

@@ -1,0 +1,306 @@
+"""The benchmark runner: methods x protocols over a dataset, resumable and shardable.
+
+:func:`run_benchmark` evaluates images in batches: one clean forward (prediction), each
+method's maps once per image (per class the protocols ask for), then every protocol's curve.
+Records are appended to the run folder's JSONL store after every batch, so a killed run
+resumes where it stopped. Under ``torchrun`` each rank takes every ``world_size``-th image
+and writes its own shard; rank 0 writes the report once all ranks are done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol as TypingProtocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..methods import create_method
+from .curves import area_under_curve, check_token_model, perturbation_curves
+from .datasets import UnreadableImageError, as_dataset
+from .distributed import shard_from_env
+from .protocols import Protocol, protocol_to_dict, resolve_protocols
+from .report import BenchmarkReport, write_report
+from .store import ResultStore, load_records, record_key
+
+
+class Attributor(TypingProtocol):
+    """Anything with a saliency method's ``attribute(inputs, target)`` -> (B, 1, h, w)."""
+
+    def attribute(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short SHA-256 of the model's state dict (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        values = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{values.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_methods(
+    model: nn.Module,
+    methods: Sequence[str] | Mapping[str, Attributor],
+    method_kwargs: Mapping[str, Mapping] | None = None,
+) -> tuple[dict[str, Attributor], list[dict]]:
+    """Instantiate registry methods by name (or take ready ones) and describe them.
+
+    Args:
+        model: The model to explain.
+        methods: Registry names (``create_method``) or a mapping name -> method object.
+        method_kwargs: Constructor options per registry name.
+
+    Returns:
+        ``(methods by name, descriptions for the run config)``.
+    """
+    method_kwargs = dict(method_kwargs or {})
+    if isinstance(methods, Mapping):
+        built = dict(methods)
+        described = [{"name": name, "class": type(m).__qualname__} for name, m in built.items()]
+    else:
+        names = [methods] if isinstance(methods, str) else list(methods)
+        if len(set(names)) != len(names):
+            raise ValueError(f"method names must be unique, got {names}")
+        built = {name: create_method(name, model, **method_kwargs.get(name, {})) for name in names}
+        described = [{"name": name, "kwargs": dict(method_kwargs.get(name, {}))} for name in names]
+    unknown = set(method_kwargs) - set(built)
+    if unknown:
+        raise ValueError(f"method_kwargs given for methods not run: {sorted(unknown)}")
+    if not built:
+        raise ValueError("no methods given")
+    return built, described
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), torch.empty(0))
+    return tensor.device
+
+
+def _channel_mean(dataset: Dataset, indices: Sequence[int]) -> torch.Tensor:
+    """Per-channel mean (C,) of the readable images among ``indices``."""
+    total, count = None, 0
+    for index in indices:
+        try:
+            image = dataset[index][0]
+        except UnreadableImageError:
+            continue
+        sums = image.double().flatten(1).sum(1)
+        total = sums if total is None else total + sums
+        count += image[0].numel()
+    if total is None:
+        raise ValueError("no readable images for the 'mean' baseline")
+    return (total / count).float()
+
+
+def _evaluate_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: Sequence[int],
+    methods: Mapping[str, Attributor],
+    protocols: Sequence[Protocol],
+    curve_options: dict,
+) -> list[dict]:
+    """Records of every method x protocol for one batch of images.
+
+    ``curve_options`` are the keyword arguments of :func:`perturbation_curves` (mean, std,
+    max_batch_size, dataset_mean).
+    """
+    with torch.no_grad():
+        predictions = model(images).argmax(-1)
+    classes = {"label": labels, "predicted": predictions}
+    records = []
+    for name, method in methods.items():
+        maps: dict[str, torch.Tensor] = {}
+        for protocol in protocols:
+            if protocol.map_class not in maps:
+                maps[protocol.map_class] = method.attribute(
+                    images, target=classes[protocol.map_class]
+                )
+            x, curves = perturbation_curves(
+                model,
+                images,
+                maps[protocol.map_class],
+                classes[protocol.score_class],
+                protocol,
+                **curve_options,
+            )
+            aucs = area_under_curve(curves.numpy(), x, protocol.auc)
+            for row, index in enumerate(indices):
+                records.append(
+                    {
+                        "image": index,
+                        "method": name,
+                        "protocol": protocol.name,
+                        "label": int(labels[row]),
+                        "prediction": int(predictions[row]),
+                        "target": int(classes[protocol.map_class][row]),
+                        "auc": float(aucs[row]),
+                        "curve": curves[row].tolist(),
+                    }
+                )
+    return records
+
+
+def _load_batch(
+    dataset: Dataset, indices: Sequence[int], device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int], list[dict]]:
+    """Images and labels of the readable ``indices``, and skip records for the others."""
+    images, labels, readable, skipped = [], [], [], []
+    for index in indices:
+        try:
+            image, label = dataset[index]
+        except UnreadableImageError as error:
+            skipped.append({"image": index, "skipped": error.path, "reason": error.reason})
+            continue
+        images.append(image)
+        labels.append(int(label))
+        readable.append(index)
+    if not images:
+        return None, None, readable, skipped
+    return (
+        torch.stack(images).to(device),
+        torch.tensor(labels, device=device),
+        readable,
+        skipped,
+    )
+
+
+def run_benchmark(
+    model: nn.Module,
+    dataset: Dataset | tuple[torch.Tensor, torch.Tensor],
+    methods: Sequence[str] | Mapping[str, Attributor],
+    protocols: Sequence[str | Protocol],
+    mean: Sequence[float],
+    std: Sequence[float],
+    out_dir: str | Path,
+    *,
+    max_batch_size: int = 256,
+    batch_size: int = 32,
+    n: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    method_kwargs: Mapping[str, Mapping] | None = None,
+    model_name: str | None = None,
+    n_boot: int = 1000,
+) -> BenchmarkReport | None:
+    """Run the faithfulness benchmark and write its records and report to ``out_dir``.
+
+    One record per image x method x protocol (curve, AUC, map class, prediction, label) is
+    appended to ``out_dir/results.rank{r}.jsonl`` after every batch. Rerunning with the
+    same arguments resumes: finished records are skipped and a cut-short last line is
+    dropped. Under ``torchrun --nproc_per_node K`` the images are sharded over the ranks.
+
+    Args:
+        model: The classifier, on the device to run on.
+        dataset: Items ``(normalised image (C, H, W), label)``, or an
+            ``(images, labels)`` tensor pair. :class:`UnreadableImageError` items are
+            skipped and listed in the report.
+        methods: Registry names (see ``create_method``) or a mapping name -> object with
+            ``attribute(inputs, target)``.
+        protocols: Preset names (``"chefer2021"``), curve names (``"rise2018/deletion"``)
+            or :class:`Protocol` objects.
+        mean: Per-channel mean of the model's normalisation.
+        std: Per-channel std of the model's normalisation.
+        out_dir: Run folder; a folder holding another configuration raises ``ValueError``.
+        max_batch_size: Perturbed inputs per forward pass.
+        batch_size: Images per batch (the unit of flushing and resuming).
+        n: Evaluate the first ``n`` images (default: all).
+        seed: Seed of the report's bootstrap (recorded in the config).
+        progress: Show a progress bar (rank 0).
+        method_kwargs: Constructor options per registry method name.
+        model_name: Name recorded in the config (default: the model's class name).
+        n_boot: Bootstrap resamples for the report's intervals.
+
+    Returns:
+        The report on rank 0, ``None`` on other ranks.
+
+    Raises:
+        ValueError: For unknown methods/protocols or a config mismatch with ``out_dir``.
+        TypeError: For token protocols on a model without token removal support.
+
+    Example:
+        >>> report = run_benchmark(model, (images, labels), ["class_space", "random"],
+        ...     ["chefer2021", "vilas2023"], mean=(0.5,) * 3, std=(0.5,) * 3, out_dir="runs/a")
+        >>> report.clean_accuracy
+    """
+    if batch_size < 1 or max_batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {max_batch_size}")
+    protocols = resolve_protocols(protocols)
+    if any(p.unit == "token" for p in protocols):
+        check_token_model(model)
+    dataset = as_dataset(dataset)
+    n_images = len(dataset) if n is None else min(int(n), len(dataset))
+    device = _model_device(model)
+    built, described = build_methods(model, methods, method_kwargs)
+    config = {
+        "format": 1,
+        "model": {
+            "name": model_name or type(model).__name__,
+            "fingerprint": model_fingerprint(model),
+        },
+        "dataset": {"type": type(dataset).__name__, "size": len(dataset)},
+        "n": n_images,
+        "seed": seed,
+        "mean": list(mean),
+        "std": list(std),
+        "methods": described,
+        "protocols": [protocol_to_dict(p) for p in protocols],
+    }
+    wanted = [(name, p.name) for name in built for p in protocols]
+
+    with shard_from_env(device) as shard:
+        store = ResultStore(out_dir, shard.rank)
+        store.check_config(config)
+        shard.barrier()  # every rank has checked before rank 0 writes
+        if shard.rank == 0 and not store.config_path.exists():
+            store.write_config(config)
+        store.repair()
+        done = {record_key(r) for r in load_records(out_dir)}
+        curve_options = dict(
+            mean=tuple(mean),
+            std=tuple(std),
+            max_batch_size=max_batch_size,
+            dataset_mean=(
+                _channel_mean(dataset, range(n_images))
+                if any(p.baseline == "mean" for p in protocols)
+                else None
+            ),
+        )
+        indices = list(range(n_images))[shard.rank :: shard.world_size]
+        training = {module: module.training for module in model.modules()}
+        model.eval()
+        bar = tqdm(total=len(indices), unit="img", disable=not progress or shard.rank != 0)
+        try:
+            for start in range(0, len(indices), batch_size):
+                batch = indices[start : start + batch_size]
+                todo = [
+                    i
+                    for i in batch
+                    if (i, None, None) not in done and any((i, *w) not in done for w in wanted)
+                ]
+                if todo:
+                    images, labels, readable, skipped = _load_batch(dataset, todo, device)
+                    records = skipped
+                    if readable:
+                        records += _evaluate_batch(
+                            model, images, labels, readable, built, protocols, curve_options
+                        )
+                    store.append(r for r in records if record_key(r) not in done)
+                bar.update(len(batch))
+        finally:
+            bar.close()
+            for module, flag in training.items():
+                module.training = flag
+        shard.barrier()
+        if shard.rank != 0:
+            return None
+        return write_report(out_dir, n_boot=n_boot, seed=seed)

@@ -1,0 +1,426 @@
+"""Benchmark runner: records, resume, repair, config checks, torchrun shards, datasets, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import runpy
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import NUM_CLASSES, make_model
+from PIL import Image
+from torchvision import transforms
+
+from class_space_saliency import ClassSpaceSaliency
+from class_space_saliency.evaluation import (
+    PROTOCOLS,
+    ImageFolderDataset,
+    UnreadableImageError,
+    load_config,
+    load_records,
+    perturbation_curves,
+    run_benchmark,
+    summarize,
+    write_report,
+)
+from class_space_saliency.evaluation.cli import add_benchmark_command
+from class_space_saliency.evaluation.protocols import protocol_to_dict
+
+NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+PRESET_NAMES = ["chefer2021", "rise2018", "vilas2023"]
+QUICK = dict(batch_size=3, progress=False, n_boot=50)
+
+
+def tiny_data(n: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images with labels = the model's prediction except for images 0 and 1."""
+    images = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        labels = make_model("plain")(images).argmax(-1)
+    labels[:2] = (labels[:2] + 1) % NUM_CLASSES
+    return images, labels
+
+
+class Interrupting:
+    """Wraps a method; raises KeyboardInterrupt on its ``stop_at``-th call (1-based)."""
+
+    def __init__(self, method: ClassSpaceSaliency, stop_at: int | None = None) -> None:
+        self.method, self.stop_at, self.calls = method, stop_at, 0
+
+    def attribute(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return self.method.attribute(inputs, target)
+
+
+def methods_for(model, stop_at=None) -> dict:
+    return {
+        "class_space": ClassSpaceSaliency(model),
+        "first_block": Interrupting(ClassSpaceSaliency(model, layer=0), stop_at),
+    }
+
+
+def run(model, data, methods, out_dir, **kwargs):
+    return run_benchmark(
+        model,
+        data,
+        methods,
+        kwargs.pop("protocols", PRESET_NAMES),
+        **NORM,
+        out_dir=out_dir,
+        **{**QUICK, **kwargs},
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: (folder, report)."""
+    out_dir = tmp_path_factory.mktemp("reference")
+    model = make_model("plain")
+    return out_dir, run(model, tiny_data(), methods_for(model), out_dir)
+
+
+def test_records_and_report(reference):
+    out_dir, report = reference
+    records = load_records(out_dir)
+    assert len(records) == 7 * 2 * 6  # images x methods x curves
+    record = next(r for r in records if r["protocol"] == "vilas2023/positive")
+    assert set(record) == {
+        "image",
+        "method",
+        "protocol",
+        "label",
+        "prediction",
+        "target",
+        "auc",
+        "curve",
+    }
+    assert len(record["curve"]) == 15 and record["target"] == record["label"]  # 16 tokens
+    chefer = next(r for r in records if r["protocol"] == "chefer2021/positive")
+    assert chefer["target"] == chefer["prediction"] and len(chefer["curve"]) == 10
+    assert report.clean_accuracy == pytest.approx(5 / 7)
+    assert [f.name for f in report.files] == [
+        "report.md",
+        "report.csv",
+        "curves_chefer2021.png",
+        "curves_rise2018.png",
+        "curves_vilas2023.png",
+    ]
+    assert all(f.stat().st_size > 0 for f in report.files)
+    markdown = (out_dir / "report.md").read_text()
+    assert (
+        "clean accuracy: 0.7143" in markdown
+        and "## vilas2023/negative (higher is better)" in markdown
+    )
+    csv_lines = (out_dir / "report.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 6 * 2
+    config = load_config(out_dir)
+    assert config["n"] == 7 and config["methods"][1] == {
+        "name": "first_block",
+        "class": "Interrupting",
+    }
+    assert config["protocols"][0]["steps"] == [i / 10 for i in range(10)]
+
+
+def test_resume_after_interruption_equals_uninterrupted(reference, tmp_path):
+    model = make_model("plain")
+    # two map classes per batch (predicted for chefer/rise, label for vilas): call 5 is batch 3
+    with pytest.raises(KeyboardInterrupt):
+        run(model, tiny_data(), methods_for(model, stop_at=5), tmp_path)
+    assert {r["image"] for r in load_records(tmp_path)} == set(range(6))
+    methods = methods_for(model)
+    run(model, tiny_data(), methods, tmp_path)
+    assert methods["first_block"].calls == 2  # only the last batch was computed again
+    assert load_records(tmp_path) == load_records(reference[0])
+
+
+def test_cut_short_last_line_is_repaired(reference, tmp_path):
+    model = make_model("plain")
+    run(model, tiny_data(), methods_for(model), tmp_path)
+    shard = tmp_path / "results.rank0.jsonl"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 40])  # killed while writing the last record
+    assert len(load_records(tmp_path)) == 7 * 2 * 6 - 1
+    methods = methods_for(model)
+    run(model, tiny_data(), methods, tmp_path)
+    assert shard.read_bytes().endswith(b"\n")
+    assert load_records(tmp_path) == load_records(reference[0])
+    lines = shard.read_bytes().splitlines()
+    shard.write_bytes(b"\n".join([*lines[:3], b'{"image": 0, "meth', *lines[3:]]) + b"\n")
+    with pytest.raises(ValueError, match="not a JSON record"):
+        load_records(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(n=5), dict(protocols=["chefer2021"]), dict(seed=1), dict(model_name="other")],
+)
+def test_config_mismatch_raises(reference, change):
+    model = make_model("plain")
+    with pytest.raises(ValueError, match="different benchmark configuration"):
+        run(model, tiny_data(), methods_for(model), reference[0], **change)
+
+
+def test_different_weights_or_method_options_raise(tmp_path):
+    model = make_model("plain")
+    run(model, tiny_data(3), ["class_space"], tmp_path, protocols=["chefer2021/positive"])
+    with pytest.raises(ValueError, match=r"differs in \['methods'\]"):
+        run(
+            model,
+            tiny_data(3),
+            ["class_space"],
+            tmp_path,
+            protocols=["chefer2021/positive"],
+            method_kwargs={"class_space": {"layer": 0}},
+        )
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    with pytest.raises(ValueError, match=r"differs in \['model'\]"):
+        run(model, tiny_data(3), ["class_space"], tmp_path, protocols=["chefer2021/positive"])
+
+
+def test_mean_baseline_uses_the_evaluated_images(tmp_path):
+    model = make_model("plain")
+    images, labels = tiny_data(3)
+    protocol = dataclasses.replace(
+        PROTOCOLS["chefer2021/positive"], name="mean/positive", baseline="mean", score="logit"
+    )
+    model.train()
+    run(model, (images, labels), ["class_space"], tmp_path, protocols=[protocol])
+    assert all(module.training for module in model.modules())  # restored after the run
+    model.eval()
+    maps = ClassSpaceSaliency(model).attribute(images, target=None)
+    _, expected = perturbation_curves(
+        model, images, maps, labels, protocol, **NORM, dataset_mean=images.mean((0, 2, 3))
+    )
+    found = np.array([r["curve"] for r in load_records(tmp_path)])
+    np.testing.assert_allclose(found, expected.numpy(), atol=1e-5)
+
+
+def test_summary_statistics_by_hand():
+    # chefer2021/positive (lower is better), x = 0 .. 0.9; curves are constant per image
+    config = {
+        "n": 4,
+        "seed": 0,
+        "model": {"name": "toy", "fingerprint": "0"},
+        "methods": [{"name": "class_space"}, {"name": "random"}],
+        "protocols": [protocol_to_dict(PROTOCOLS["chefer2021/positive"])],
+    }
+    levels = {"class_space": [0, 0, 1, 0], "random": [1, 0, 1, 1]}
+    records = [
+        {
+            "image": i,
+            "method": m,
+            "protocol": "chefer2021/positive",
+            "curve": [float(v)] * 10,
+            "auc": 90.0 * v,
+            "label": 0,
+            "prediction": i % 2,
+            "target": 0,
+        }
+        for m, values in levels.items()
+        for i, v in enumerate(values)
+    ]
+    records.append({"image": 4, "skipped": "a/b.png", "reason": "OSError: broken"})
+    report = summarize(records, config, n_boot=2000, seed=0)
+    assert report.clean_accuracy == 0.5 and report.n_images == 4 and len(report.skipped) == 1
+    ours, rand = report.rows
+    assert (ours.auc, rand.auc) == (pytest.approx(22.5), pytest.approx(67.5))
+    assert ours.diff is None and rand.diff == pytest.approx(-45.0)
+    assert rand.share_reference_better == 0.5  # images 0 and 3; ties elsewhere
+    assert 0 <= ours.auc_low < ours.auc < ours.auc_high <= 90
+    assert rand.diff_low < rand.diff < rand.diff_high <= 0
+    again = summarize(records, config, n_boot=2000, seed=0)
+    assert again.rows == report.rows
+
+
+# ---------------------------------------------------------------------------- torchrun
+SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import make_model
+from test_evaluation_runner import tiny_data
+from class_space_saliency.evaluation import run_benchmark
+
+
+def main(out_dir):
+    return run_benchmark(make_model("plain"), tiny_data(5), ["class_space"],
+        ["chefer2021/positive", "vilas2023/negative"], (0.5,) * 3, (0.5,) * 3, out_dir,
+        batch_size=2, progress=False, n_boot=50)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
+"""
+
+
+def assert_same_records(first: list[dict], second: list[dict]) -> None:
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        assert {k: v for k, v in a.items() if k not in ("auc", "curve")} == {
+            k: v for k, v in b.items() if k not in ("auc", "curve")
+        }
+        np.testing.assert_allclose(a["curve"] + [a["auc"]], b["curve"] + [b["auc"]], atol=1e-5)
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    script = tmp_path / "bench.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    done = subprocess.run(
+        [*command, str(script), str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runpy.run_path(str(script))["main"](tmp_path / "one")
+    shards = sorted(p.name for p in (tmp_path / "two").glob("results.rank*.jsonl"))
+    assert shards == ["results.rank0.jsonl", "results.rank1.jsonl"]
+    two, one = load_records(tmp_path / "two"), load_records(tmp_path / "one")
+    assert_same_records(two, one)
+    assert (tmp_path / "two" / "report.md").exists()
+    assert (
+        write_report(tmp_path / "two").clean_accuracy
+        == write_report(tmp_path / "one").clean_accuracy
+    )
+
+
+# ---------------------------------------------------------------------------- datasets
+def image_folder(root: Path) -> Path:
+    generator = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            pixels = generator.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    (root / "dog" / "broken.png").write_bytes(b"not a png at all")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "cat" / "full.jpg")
+    jpeg = (root / "cat" / "full.jpg").read_bytes()
+    (root / "cat" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "cat" / "full.jpg").unlink()
+    (root / "cat" / "notes.txt").write_text("not an image")
+    return root
+
+
+PREPROCESS = transforms.Compose(
+    [transforms.Resize((32, 32)), transforms.ToTensor(), transforms.Normalize(**NORM)]
+)
+
+
+def test_corrupt_images_are_skipped_and_listed(tmp_path):
+    dataset = ImageFolderDataset(image_folder(tmp_path / "data"), PREPROCESS)
+    assert dataset.class_to_idx == {"cat": 0, "dog": 1}
+    assert [(p.name, label) for p, label in dataset.samples] == [
+        ("0.png", 0),
+        ("1.png", 0),
+        ("truncated.jpg", 0),
+        ("0.png", 1),
+        ("1.png", 1),
+        ("broken.png", 1),
+    ]
+    image, label = dataset[3]
+    assert image.shape == (3, 32, 32) and label == 1
+    with pytest.raises(UnreadableImageError, match=r"broken\.png"):
+        dataset[5]
+    report = run(
+        make_model("plain"),
+        dataset,
+        ["class_space"],
+        tmp_path / "out",
+        protocols=["chefer2021/positive"],
+    )
+    assert sorted(Path(s["skipped"]).name for s in report.skipped) == [
+        "broken.png",
+        "truncated.jpg",
+    ]
+    assert report.n_images == 4 and report.rows[0].n_images == 4
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Unreadable images (skipped)" in markdown and "truncated.jpg" in markdown
+    with pytest.raises(FileNotFoundError):
+        ImageFolderDataset(tmp_path / "missing", PREPROCESS)
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_benchmark_command(tmp_path, monkeypatch, capsys):
+    class Preprocessing:
+        mean, std, input_size = NORM["mean"], NORM["std"], (3, 32, 32)
+
+        def __call__(self, image):
+            return PREPROCESS(image)
+
+    models = types.ModuleType("class_space_saliency.models")
+    models.load_model = lambda name, weights=None: (make_model("plain"), Preprocessing())
+    data = types.ModuleType("class_space_saliency.data")
+    data.load_default_eval = lambda: tiny_data(4)
+    monkeypatch.setitem(sys.modules, "class_space_saliency.models", models)
+    monkeypatch.setitem(sys.modules, "class_space_saliency.data", data)
+    parser = argparse.ArgumentParser()
+    add_benchmark_command(parser.add_subparsers())
+    defaults = parser.parse_args(["benchmark"])
+    assert defaults.methods == [
+        "class_space",
+        "gradcam",
+        "rollout",
+        "chefer",
+        "random",
+        "sobel",
+        "intensity",
+    ]
+    assert (defaults.protocols, defaults.n, defaults.model) == (PRESET_NAMES, 1000, "default")
+    args = parser.parse_args(
+        [
+            "benchmark",
+            "--methods",
+            "class_space",
+            "--protocols",
+            "vilas2023/positive",
+            "--n",
+            "3",
+            "--out",
+            str(tmp_path / "a"),
+            "--max-batch-size",
+            "8",
+            "--batch-size",
+            "2",
+        ]
+    )
+    assert args.func(args) == 0
+    assert "clean accuracy" in capsys.readouterr().out
+    assert len(load_records(tmp_path / "a")) == 3
+    args = parser.parse_args(
+        ["benchmark", "--methods", "no_such_method", "--out", str(tmp_path / "b")]
+    )
+    assert args.func(args) == 2
+    assert "no_such_method" in capsys.readouterr().err
+    args = parser.parse_args(
+        [
+            "benchmark",
+            "--data",
+            str(image_folder(tmp_path / "img")),
+            "--methods",
+            "class_space",
+            "--protocols",
+            "chefer2021/negative",
+            "--out",
+            str(tmp_path / "c"),
+        ]
+    )
+    assert args.func(args) == 0
+    assert "truncated.jpg" in (tmp_path / "c" / "report.md").read_text()
