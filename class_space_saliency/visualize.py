@@ -1,0 +1,209 @@
+"""Overlays, figure grids and plots.
+
+Normalisation of maps for display (``normalization=``):
+
+- ``"minmax"``: ``(s - min) / (max - min)`` per map; the coldest colour is the map's minimum,
+  which is *not* zero when the map has negative values.
+- ``"symmetric"``: ``0.5 + s / (2 max|s|)``; zero sits at the middle of the colormap, so
+  signed maps keep their sign (use a diverging colormap).
+- ``"positive"``: ``max(s, 0) / max(s)``; negative evidence is shown as zero.
+- ``"auto"`` (default): ``"minmax"`` for maps without negative values, ``"symmetric"`` for
+  maps with any, so a negative map is never silently rescaled as if it were non-negative.
+
+A constant map shows as the colormap's lowest colour (or its middle, for ``"symmetric"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from ._validation import check_choice
+
+NORMALIZATIONS = ("auto", "minmax", "symmetric", "positive")
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _numpy(value: ArrayLike) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().numpy()
+    return np.asarray(value)
+
+
+def image_to_uint8(image: ArrayLike) -> np.ndarray:
+    """An image as uint8 RGB (H, W, 3).
+
+    Args:
+        image: uint8 array, or float array/tensor in [0, 1]; (H, W), (H, W, 1|3), or a
+            channels-first tensor/array (1|3, H, W).
+
+    Raises:
+        ValueError: For float values outside [0, 1] (denormalise model inputs first) or an
+            unsupported shape.
+    """
+    array = _numpy(image)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W), (H, W, 1|3) or (1|3, H, W), got {array.shape}")
+    if array.dtype == np.uint8:
+        return array
+    if array.min() < -1e-6 or array.max() > 1 + 1e-6:
+        raise ValueError(
+            f"float images must lie in [0, 1], got range [{array.min():.3g}, {array.max():.3g}]; "
+            "pass uint8, or Preprocessing.denormalize(inputs) for model inputs"
+        )
+    return (array.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def normalize_map(saliency: ArrayLike, normalization: str = "auto") -> np.ndarray:
+    """Scale a 2-D map to [0, 1] for display (see the module docstring for the rules)."""
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    values = _numpy(saliency).astype(np.float64)
+    values = values.reshape(values.shape[-2:]) if values.ndim > 2 else values
+    if values.ndim != 2:
+        raise ValueError(f"saliency must be a 2-D map (or (1, h, w)), got shape {values.shape}")
+    if normalization == "auto":
+        normalization = "symmetric" if values.min() < 0 else "minmax"
+    if normalization == "symmetric":
+        scale = np.abs(values).max()
+        return 0.5 + values / (2 * scale) if scale > 0 else np.full_like(values, 0.5)
+    if normalization == "positive":
+        values = values.clip(min=0)
+        scale = values.max()
+        return values / scale if scale > 0 else np.zeros_like(values)
+    span = values.max() - values.min()
+    return (values - values.min()) / span if span > 0 else np.zeros_like(values)
+
+
+def colorize(values01: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """Apply an OpenCV colormap (``"jet"``, ``"turbo"``, ``"viridis"``, ...) -> uint8 RGB."""
+    code = getattr(cv2, f"COLORMAP_{colormap.upper()}", None)
+    if code is None:
+        known = sorted(n[9:].lower() for n in dir(cv2) if n.startswith("COLORMAP_"))
+        raise ValueError(f"colormap must be an OpenCV colormap name {known}, got {colormap!r}")
+    bgr = cv2.applyColorMap((values01 * 255).round().astype(np.uint8), code)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def overlay(
+    image: ArrayLike,
+    saliency: ArrayLike,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    normalization: str = "auto",
+) -> np.ndarray:
+    """Blend a saliency map of any grid size onto an image.
+
+    Args:
+        image: uint8 or [0, 1] float image (see :func:`image_to_uint8`).
+        saliency: Map (h, w), (1, h, w) or (1, 1, h, w); bilinearly upsampled to the image.
+        colormap: OpenCV colormap name.
+        alpha: Weight of the heatmap (0 = image only, 1 = heatmap only).
+        normalization: How the map is scaled to the colormap (module docstring).
+
+    Returns:
+        uint8 RGB array (H, W, 3).
+
+    Example:
+        >>> rgb = overlay(image_uint8, maps[0], colormap="jet", alpha=0.5)
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    rgb = image_to_uint8(image)
+    values = normalize_map(saliency, normalization).astype(np.float32)
+    values = cv2.resize(values, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+    heat = colorize(values.clip(0, 1), colormap)
+    blended = (1 - alpha) * rgb.astype(np.float32) + alpha * heat.astype(np.float32)
+    return blended.round().clip(0, 255).astype(np.uint8)
+
+
+def saliency_grid(
+    images: Sequence[ArrayLike],
+    columns: Mapping[str, ArrayLike],
+    row_titles: Sequence[str] | None = None,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    normalization: str = "auto",
+    cell_size: float = 1.6,
+):
+    """A figure with one row per image: the original, then one overlay per column.
+
+    Args:
+        images: Images (see :func:`image_to_uint8`), one per row.
+        columns: ``{title: maps}`` where maps is (B, 1, h, w) or (B, h, w) with B rows.
+        row_titles: Optional label of each row (e.g. "Coat (pred Coat)").
+        colormap, alpha, normalization: As for :func:`overlay`.
+        cell_size: Inches per panel.
+
+    Returns:
+        A matplotlib ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(images), 1 + len(columns)
+    figure, axes = plt.subplots(
+        rows, cols, figsize=(cell_size * cols, cell_size * rows), squeeze=False
+    )
+    for r, image in enumerate(images):
+        axes[r, 0].imshow(image_to_uint8(image))
+        axes[r, 0].set_ylabel(row_titles[r] if row_titles else "", fontsize=7)
+        for c, (title, maps) in enumerate(columns.items(), start=1):
+            axes[r, c].imshow(overlay(image, maps[r], colormap, alpha, normalization))
+            if r == 0:
+                axes[r, c].set_title(title, fontsize=8)
+        if r == 0:
+            axes[r, 0].set_title("image", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.tight_layout()
+    return figure
+
+
+def plot_identifiability(result, ax=None):
+    """Plot identifiability rate (%) and mean normalised rank by block.
+
+    Args:
+        result: An :class:`~class_space_saliency.projection.Identifiability`.
+        ax: Optional matplotlib Axes (a new figure otherwise).
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.5))
+    blocks = [b + 1 for b in result.layers]
+    ax.plot(blocks, result.token_rate, "o-", label="image tokens: top-1 = label (%)")
+    if result.cls_rate is not None:
+        ax.plot(blocks, result.cls_rate, "s-", label="[CLS]: top-1 = label (%)")
+    ax.set_xlabel("block")
+    ax.set_ylabel("identifiability rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(blocks)
+    twin = ax.twinx()
+    twin.plot(blocks, result.token_rank, "o--", color="tab:gray", label="image tokens: rank")
+    twin.set_ylabel("mean normalised rank of label")
+    twin.set_ylim(0, 1.02)
+    lines = ax.get_lines() + twin.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="lower right")
+    ax.set_title(f"class identifiability ({result.component}, {result.num_images} images)")
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def save_figure(figure, path) -> None:
+    """Save a figure as PNG (150 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
