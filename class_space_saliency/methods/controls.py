@@ -6,11 +6,12 @@ anatomy gives the patch grid and the number of classes) but never run the model.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import TargetType
 from .base import SaliencyMethod
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
@@ -36,18 +37,18 @@ def pool_to_grid(
 class RandomSaliency(SaliencyMethod):
     """Uniform random maps in [0, 1), seeded and reproducible.
 
-    Every call draws from a fresh ``torch.Generator`` seeded with ``seed`` (on the CPU,
-    then moved to the input's device), so example ``i`` of a batch gets the same map on
-    every call, for every ``max_batch_size`` and on every device; the global RNG is not
-    touched.
+    Each image's map comes from its own ``torch.Generator`` seeded with a hash of ``seed``
+    and the image's values, so the same image gets the same map on every call, at any
+    batch position, for every ``max_batch_size``, under any sharding of a data set and on
+    every device; the global RNG is not touched.
 
     Args:
         model: A supported ViT (only its patch grid and class count are used).
-        seed: The generator's seed.
+        seed: The base seed.
         **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
 
     Returns:
-        ``attribute`` returns float32 maps (B, 1, h, w).
+        ``attribute`` returns float32 maps (B, 1, h, w) in [0, 1).
 
     Example:
         >>> maps = RandomSaliency(model, seed=0).attribute(images)  # (B, 1, h, w)
@@ -61,41 +62,19 @@ class RandomSaliency(SaliencyMethod):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.seed = seed
 
-    def attribute(
-        self,
-        inputs: torch.Tensor,
-        target: TargetType = None,
-        *,
-        upsample: bool = False,
-        max_batch_size: int | None = None,
-    ) -> torch.Tensor:
-        """Random maps.
-
-        Args:
-            inputs: Normalised images (B, C, H, W); only their shape and device are used.
-            target: Accepted for a uniform API and ignored.
-            upsample: Return maps bilinearly upsampled to the input size (H, W).
-            max_batch_size: Images per chunk (does not change the maps).
-
-        Returns:
-            float32 maps (B, 1, h, w) in [0, 1).
-        """
-        # One generator per call, consumed chunk after chunk in batch order.
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._attribute_batched(
-            inputs, target, upsample, max_batch_size, generator=generator
-        )
+    def _image_seed(self, image: torch.Tensor) -> int:
+        digest = hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=8)
+        digest.update(self.seed.to_bytes(8, "little", signed=True))
+        return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
 
     def _attribute(
-        self,
-        inputs: torch.Tensor,
-        target: torch.Tensor | None,
-        grid: tuple[int, int],
-        *,
-        generator: torch.Generator,
+        self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
     ) -> torch.Tensor:
-        maps = torch.rand((inputs.shape[0], 1, *grid), generator=generator)
-        return maps.to(inputs.device)
+        maps = [
+            torch.rand((1, *grid), generator=torch.Generator().manual_seed(self._image_seed(x)))
+            for x in inputs
+        ]
+        return torch.stack(maps).to(inputs.device)
 
 
 class SobelSaliency(SaliencyMethod):
