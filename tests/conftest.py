@@ -8,6 +8,9 @@ import torch
 import torchvision
 from torch import nn
 
+# Tiny models gain nothing from threads, and competing OpenMP threads slow them badly.
+torch.set_num_threads(1)
+
 NUM_CLASSES = 7
 TINY = dict(
     pretrained=False,

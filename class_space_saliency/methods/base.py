@@ -42,6 +42,9 @@ class SaliencyMethod(Attribution):
             ``patch_size``, ``img_size`` for custom models.
     """
 
+    cost: str = ""
+    """What one call costs, e.g. ``"forward only"`` (quoted in the README)."""
+
     def __init__(self, model: nn.Module, **anatomy_overrides) -> None:
         super().__init__(model)
         self.model = model

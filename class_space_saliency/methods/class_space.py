@@ -36,6 +36,8 @@ class ClassSpaceSaliency(SaliencyMethod):
         >>> every_block = explainer.attribute(images, target=labels, layer="all", per_layer=True)
     """
 
+    cost = "forward only (no gradients), any number of blocks"
+
     def __init__(
         self,
         model: nn.Module,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validation import TargetType
+from ._attention import check_attention_support
 from .base import SaliencyMethod, tokens_to_grid
 
 
@@ -33,6 +34,8 @@ class ClassSpaceAttentionGradient(SaliencyMethod):
         >>> maps = ClassSpaceAttentionGradient(model).attribute(images, target=labels)
     """
 
+    cost = "forward + short backward per block (block head projection -> its attention)"
+
     def __init__(
         self,
         model: nn.Module,
@@ -48,13 +51,7 @@ class ClassSpaceAttentionGradient(SaliencyMethod):
                 f"{type(self).__name__} needs a [CLS] token; this model has no prefix tokens "
                 "(average-pooled); use ClassSpaceSaliency instead"
             )
-        if self.anatomy.attention_modules is None or isinstance(
-            self.anatomy.attention_modules[0], nn.MultiheadAttention
-        ):
-            raise TypeError(
-                f"{type(self).__name__} needs differentiable attention probabilities, which "
-                f"only timm-style attention modules expose ({type(model).__name__} has none)"
-            )
+        check_attention_support(type(self).__name__, self.anatomy, model, differentiable=True)
 
     def attribute(
         self,
