@@ -81,7 +81,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         if args.data is None:
             from ..data import load_default_eval
 
-            dataset = load_default_eval()
+            dataset = load_default_eval(preprocessing=preprocessing)
         else:
             dataset = ImageFolderDataset(args.data, preprocessing)
         report = run_benchmark(
