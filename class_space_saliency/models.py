@@ -73,10 +73,17 @@ class Preprocessing:
         """Class index from a name (case-insensitive) or a number.
 
         Raises:
-            ValueError: For an unknown name.
+            ValueError: For an unknown name, or a number outside the known classes.
         """
         if isinstance(name_or_index, int) or str(name_or_index).lstrip("-").isdigit():
-            return int(name_or_index)
+            index = int(name_or_index)
+            known = len(self.class_names or ())
+            if known and not 0 <= index < known:
+                raise ValueError(
+                    f"class index {index} is out of range for {known} classes "
+                    f"(valid: 0 .. {known - 1})"
+                )
+            return index
         names = [n.lower() for n in (self.class_names or ())]
         if name_or_index.lower() not in names:
             raise ValueError(

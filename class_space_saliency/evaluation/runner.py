@@ -224,7 +224,8 @@ def run_benchmark(
         The report on rank 0, ``None`` on other ranks.
 
     Raises:
-        ValueError: For unknown methods/protocols or a config mismatch with ``out_dir``.
+        ValueError: For unknown methods/protocols, a bad ``n`` or batch size, or a config
+            mismatch with ``out_dir``.
         TypeError: For token protocols on a model without token removal support.
 
     Example:
@@ -234,6 +235,8 @@ def run_benchmark(
     """
     if batch_size < 1 or max_batch_size < 1:
         raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {max_batch_size}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be a positive int or None (all images), got {n!r}")
     protocols = resolve_protocols(protocols)
     if any(p.unit == "token" for p in protocols):
         check_token_model(model)
