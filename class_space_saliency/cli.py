@@ -149,6 +149,32 @@ def attribute(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def sanity(args: argparse.Namespace) -> int:
+    """Cascading randomisation sanity check on the embedded model and evaluation images."""
+    from .data import load_default_eval
+    from .models import load_default
+    from .sanity import cascading_randomization
+    from .visualize import save_figure
+
+    try:
+        model, prep = load_default()
+        inputs, labels = load_default_eval(args.n, preprocessing=prep)
+        result = cascading_randomization(
+            model, inputs, labels, args.methods, seed=args.seed, progress=True
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sanity.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    (out / "sanity.txt").write_text(f"{result}\n")
+    save_figure(result.plot(), out / "sanity.png")
+    print(result)
+    print(f"wrote {out}/sanity.json, sanity.txt, sanity.png")
+    return 0
+
+
 def _as_array(image):
     import numpy as np
 
@@ -198,6 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     attr.add_argument("--colormap", default="jet", help="OpenCV colormap name")
     attr.add_argument("--out", default="saliency_out", help="output folder")
     attr.set_defaults(func=attribute)
+
+    from .sanity import DEFAULT_METHODS as SANITY_METHODS
+
+    check = commands.add_parser(
+        "sanity", help="cascading randomisation sanity check (Adebayo et al. 2018)"
+    )
+    check.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(SANITY_METHODS),
+        choices=sorted(METHODS),
+        help="methods to check",
+    )
+    check.add_argument("--n", type=int, default=100, help="the first N evaluation images")
+    check.add_argument("--seed", type=int, default=0, help="seed of the re-initialisation")
+    check.add_argument("--out", default="sanity_out", help="output folder")
+    check.set_defaults(func=sanity)
 
     from .evaluation.cli import add_benchmark_command
 
