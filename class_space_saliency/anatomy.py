@@ -240,11 +240,13 @@ class ViTAnatomy:
         """
         if not all(isinstance(head, nn.Linear) for head in self.heads):
             return None
-        weight = torch.stack([head.weight for head in self.heads]).mean(0)
         biases = [
             head.bias if head.bias is not None else torch.zeros_like(head.weight[:, 0])
             for head in self.heads
         ]
+        if len(self.heads) == 1:  # no copy: this runs once per block on every call
+            return self.heads[0].weight, biases[0]
+        weight = torch.stack([head.weight for head in self.heads]).mean(0)
         return weight, torch.stack(biases).mean(0)
 
     @property
@@ -307,7 +309,9 @@ class ViTAnatomy:
         """
         result = Capture()
         handles: list[torch.utils.hooks.RemovableHandle] = []
-        training = {module: module.training for module in self.model.modules()}
+        # Only modules in training mode are switched and restored: setting the flag on every
+        # module of a model in eval mode would cost more than a small model's forward pass.
+        training = [module for module in self.model.modules() if module.training]
         fused = {}
         try:
             for component, block in components:
@@ -326,15 +330,16 @@ class ViTAnatomy:
                 for block in self.resolve_layers(list(attention)):
                     module = self.attention_modules[block]
                     handles.extend(_attention_hooks(module, block, result, fused))
-            self.model.eval()
+            if training:
+                self.model.eval()
             yield result
         finally:
             for handle in handles:
                 handle.remove()
             for module, flag in fused.items():
                 module.fused_attn = flag
-            for module, flag in training.items():
-                module.training = flag
+            for module in training:
+                module.training = True
 
 
 # ---------------------------------------------------------------------------- hook helpers
