@@ -18,7 +18,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from class_space_saliency._fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 
@@ -77,7 +77,14 @@ def main() -> None:
     parser.add_argument("--warmup-epochs", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("assets"))
+    parser.add_argument("--out", type=Path, default=Path("class_space_saliency/assets"))
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="continue from a JSON config written by this script (weights next to it); "
+        "its recipe, history and time are kept as earlier stages",
+    )
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -87,6 +94,10 @@ def main() -> None:
     test_x, test_y = (torch.from_numpy(a) for a in load_fashion_mnist("test"))
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **ARCH)
+    earlier = {"stages": [], "history": [], "training_time_s": 0.0}
+    if args.init is not None:
+        earlier = json.loads(args.init.read_text())
+        model.load_state_dict(load_file(str(args.init.with_suffix(".safetensors"))))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
@@ -100,6 +111,7 @@ def main() -> None:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     history = []
+    first_epoch = len(earlier["history"])
     start = time.time()
     model.train()
     for epoch in range(args.epochs):
@@ -117,7 +129,12 @@ def main() -> None:
         accuracy = evaluate(model, test_x, test_y)
         elapsed = time.time() - start
         history.append(
-            dict(epoch=epoch + 1, loss=running / steps_per_epoch, test_acc=accuracy, time_s=elapsed)
+            dict(
+                epoch=first_epoch + epoch + 1,
+                loss=running / steps_per_epoch,
+                test_acc=accuracy,
+                time_s=earlier["training_time_s"] + elapsed,
+            )
         )
         print(json.dumps(history[-1]), flush=True)
 
@@ -133,23 +150,27 @@ def main() -> None:
         input_size=[3, 28, 28],
         class_names=list(FASHION_MNIST_CLASSES),
         dataset="Fashion-MNIST (Zalando Research, MIT licence), 60,000 train / 10,000 test",
-        recipe=dict(
-            optimizer="AdamW",
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            schedule=f"linear warmup {args.warmup_epochs} epoch(s), then cosine to 0",
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            label_smoothing=args.label_smoothing,
-            augmentation="random horizontal flip, random translation up to 2 px (zero fill)",
-            seed=args.seed,
-            threads=args.threads,
-            torch=torch.__version__,
-            timm=timm.__version__,
-        ),
-        training_time_s=round(time.time() - start, 1),
+        stages=[
+            *earlier["stages"],
+            dict(
+                optimizer="AdamW",
+                lr=args.lr,
+                weight_decay=args.weight_decay,
+                schedule=f"linear warmup {args.warmup_epochs} epoch(s), then cosine to 0",
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                label_smoothing=args.label_smoothing,
+                augmentation="random horizontal flip, random translation up to 2 px (zero fill)",
+                seed=args.seed,
+                threads=args.threads,
+                torch=torch.__version__,
+                timm=timm.__version__,
+                init=None if args.init is None else "weights of the previous stage",
+            ),
+        ],
+        training_time_s=round(earlier["training_time_s"] + time.time() - start, 1),
         test_accuracy=history[-1]["test_acc"],
-        history=history,
+        history=[*earlier["history"], *history],
     )
     (args.out / "default_vit.json").write_text(json.dumps(config, indent=2) + "\n")
     print(f"test accuracy {config['test_accuracy']:.4f}, {config['training_time_s']:.0f} s")

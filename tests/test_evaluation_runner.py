@@ -368,7 +368,7 @@ def test_benchmark_command(tmp_path, monkeypatch, capsys):
     models = types.ModuleType("class_space_saliency.models")
     models.load_model = lambda name, weights=None: (make_model("plain"), Preprocessing())
     data = types.ModuleType("class_space_saliency.data")
-    data.load_default_eval = lambda: tiny_data(4)
+    data.load_default_eval = lambda preprocessing=None: tiny_data(4)
     monkeypatch.setitem(sys.modules, "class_space_saliency.models", models)
     monkeypatch.setitem(sys.modules, "class_space_saliency.data", data)
     parser = argparse.ArgumentParser()

@@ -59,7 +59,6 @@ class Protocol:
 
         Example:
             >>> import dataclasses
-    import itertools
             >>> fine = dataclasses.replace(PROTOCOLS["rise2018/deletion"], steps=(0, 0.5, 1))
     """
 
