@@ -29,37 +29,37 @@ AUC_RULES = ("trapezoid", "trapezoid_percent", "max_normalised_sum")
 class Protocol:
     """One perturbation curve and how it is summarised.
 
-        Attributes:
-            name: ``"preset/curve"``, e.g. ``"chefer2021/positive"``.
-            steps: Fractions of the units perturbed at each point of the curve; the count at
-                fraction ``f`` of ``N`` units is ``floor(f * N)``. ``None``: every count
-                ``k = 1 … N-1`` (the x value is then ``k / N``).
-            unit: ``"pixel"`` (the patch map bilinearly upsampled to the input), ``"patch"``
-                (whole patches of the patch grid) or ``"token"`` (image tokens removed from the
-                sequence after the position embeddings are added; timm ViTs only).
-            order: ``"positive"``: the most salient units are perturbed first; ``"negative"``:
-                the least salient first.
-            mode: ``"deletion"``: perturbed units are replaced by the baseline (or removed);
-                ``"insertion"``: the curve starts from the baseline and perturbed units are
-                revealed.
-            baseline: What hidden pixels show: ``"black"`` (0 in [0, 1] pixel space,
-                re-normalised), ``"zero"`` (0 in normalised space), ``"mean"`` (per-channel
-                mean of the evaluated images), ``"blur"`` (Gaussian blur of the image); ``None``
-                for token removal.
-            score: What is recorded at each step: ``"accuracy"`` (top-1 prediction equals the
-                scored class), ``"probability"`` or ``"logit"`` of the scored class.
-            map_class: The class the saliency map explains: ``"label"`` or ``"predicted"``
-                (the clean prediction).
-            score_class: The class that is scored: ``"label"`` or ``"predicted"``.
-            auc: ``"trapezoid"`` (``trapz(y, x)``), ``"trapezoid_percent"``
-                (``trapz(y, x) * 100``) or ``"max_normalised_sum"``
-                (``sum(y) / (max(y) * len(y))``, 0 for an all-zero curve).
-            blur_kernel_size: Gaussian kernel size of the ``"blur"`` baseline.
-            blur_sigma: Gaussian sigma of the ``"blur"`` baseline.
+    Attributes:
+        name: ``"preset/curve"``, e.g. ``"chefer2021/positive"``.
+        steps: Fractions of the units perturbed at each point of the curve; the count at
+            fraction ``f`` of ``N`` units is ``floor(f * N)``. ``None``: every count
+            ``k = 1 … N-1`` (the x value is then ``k / N``).
+        unit: ``"pixel"`` (the patch map bilinearly upsampled to the input), ``"patch"``
+            (whole patches of the patch grid) or ``"token"`` (image tokens removed from the
+            sequence after the position embeddings are added; timm ViTs only).
+        order: ``"positive"``: the most salient units are perturbed first; ``"negative"``:
+            the least salient first.
+        mode: ``"deletion"``: perturbed units are replaced by the baseline (or removed);
+            ``"insertion"``: the curve starts from the baseline and perturbed units are
+            revealed.
+        baseline: What hidden pixels show: ``"black"`` (0 in [0, 1] pixel space,
+            re-normalised), ``"zero"`` (0 in normalised space), ``"mean"`` (per-channel
+            mean of the evaluated images), ``"blur"`` (Gaussian blur of the image); ``None``
+            for token removal.
+        score: What is recorded at each step: ``"accuracy"`` (top-1 prediction equals the
+            scored class), ``"probability"`` or ``"logit"`` of the scored class.
+        map_class: The class the saliency map explains: ``"label"`` or ``"predicted"``
+            (the clean prediction).
+        score_class: The class that is scored: ``"label"`` or ``"predicted"``.
+        auc: ``"trapezoid"`` (``trapz(y, x)``), ``"trapezoid_percent"``
+            (``trapz(y, x) * 100``) or ``"max_normalised_sum"``
+            (``sum(y) / (max(y) * len(y))``, 0 for an all-zero curve).
+        blur_kernel_size: Gaussian kernel size of the ``"blur"`` baseline.
+        blur_sigma: Gaussian sigma of the ``"blur"`` baseline.
 
-        Example:
-            >>> import dataclasses
-            >>> fine = dataclasses.replace(PROTOCOLS["rise2018/deletion"], steps=(0, 0.5, 1))
+    Example:
+        >>> import dataclasses
+        >>> fine = dataclasses.replace(PROTOCOLS["rise2018/deletion"], steps=(0, 0.5, 1))
     """
 
     name: str
