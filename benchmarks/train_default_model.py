@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--warmup-epochs", type=float, default=1.0)
+    parser.add_argument("--shift", type=int, default=2, help="max random translation (px)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("class_space_saliency/assets"))
@@ -119,7 +120,7 @@ def main() -> None:
         running = 0.0
         for i in range(steps_per_epoch):
             idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-            x = to_model_input(augment(train_x[idx], generator))
+            x = to_model_input(augment(train_x[idx], generator, args.shift))
             loss = F.cross_entropy(model(x), train_y[idx], label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -160,7 +161,8 @@ def main() -> None:
                 epochs=args.epochs,
                 batch_size=args.batch_size,
                 label_smoothing=args.label_smoothing,
-                augmentation="random horizontal flip, random translation up to 2 px (zero fill)",
+                augmentation=f"random horizontal flip, random translation up to {args.shift} px "
+                "(zero fill)",
                 seed=args.seed,
                 threads=args.threads,
                 torch=torch.__version__,
