@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._validation import TargetType
 from ._attention import check_attention_support, image_token_row
 from .base import SaliencyMethod, tokens_to_grid
 
@@ -72,27 +71,6 @@ class CheferRollout(SaliencyMethod):
     def __init__(self, model: nn.Module, **anatomy_overrides) -> None:
         super().__init__(model, **anatomy_overrides)
         check_attention_support(type(self).__name__, self.anatomy, model, differentiable=True)
-
-    def attribute(
-        self,
-        inputs: torch.Tensor,
-        target: TargetType = None,
-        *,
-        upsample: bool = False,
-        max_batch_size: int | None = None,
-    ) -> torch.Tensor:
-        """Gradient-weighted rollout maps.
-
-        Args:
-            inputs: Normalised images (B, C, H, W).
-            target: ``None`` (predicted class), int, list of ints or 1-D int tensor.
-            upsample: Return maps bilinearly upsampled to the input size (H, W).
-            max_batch_size: Images per forward/backward pass.
-
-        Returns:
-            float32 maps (B, 1, h, w).
-        """
-        return self._attribute_batched(inputs, target, upsample, max_batch_size)
 
     def _attribute(
         self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validation import TargetType
 from ._attention import check_attention_support, fuse_heads, image_token_row, record_attention
 from .base import SaliencyMethod, tokens_to_grid
 
@@ -37,27 +36,6 @@ class RawAttention(SaliencyMethod):
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise TypeError(f"layer must be an int block index, got {layer!r}")
         self.layer = self.anatomy.resolve_layers(layer)[0]
-
-    def attribute(
-        self,
-        inputs: torch.Tensor,
-        target: TargetType = None,
-        *,
-        upsample: bool = False,
-        max_batch_size: int | None = None,
-    ) -> torch.Tensor:
-        """Raw attention maps.
-
-        Args:
-            inputs: Normalised images (B, C, H, W).
-            target: Accepted for a uniform API and ignored (the map is class-agnostic).
-            upsample: Return maps bilinearly upsampled to the input size (H, W).
-            max_batch_size: Images per forward pass.
-
-        Returns:
-            float32 maps (B, 1, h, w); each [CLS] row sums to at most 1 over image tokens.
-        """
-        return self._attribute_batched(inputs, target, upsample, max_batch_size)
 
     def _attribute(
         self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
