@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_CONFIG = ASSETS / "default_vit.json"
+DEFAULT_CONFIG = ASSETS / "fashion_vit.json"
 
 
 @dataclass(frozen=True)
