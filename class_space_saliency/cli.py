@@ -40,19 +40,19 @@ def _compute_maps(model, methods: Sequence[str], inputs, target, layer) -> dict:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Per-layer overlays, method comparison and identifiability on the embedded model."""
+    """Per-layer overlays, method comparison and identifiability on an embedded model."""
     from . import ClassSpaceSaliency, class_identifiability
     from .data import load_default_eval, load_default_eval_uint8, one_per_class
     from .methods import METHODS
-    from .models import load_default
+    from .models import EMBEDDED_MODELS, load_default
     from .visualize import plot_identifiability, saliency_grid, save_figure
 
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, prep = load_default()
-    inputs, labels = load_default_eval(preprocessing=prep)
-    raw, _ = load_default_eval_uint8()
+    model, prep = load_default(args.model)
+    inputs, labels = load_default_eval(dataset=args.model, preprocessing=prep)
+    raw, _ = load_default_eval_uint8(dataset=args.model)
     rows = one_per_class(labels, len(prep.class_names))
     x, y = inputs[rows], labels[rows]
     with torch.no_grad():
@@ -77,7 +77,8 @@ def demo(args: argparse.Namespace) -> int:
     with torch.no_grad():
         accuracy = float((model(inputs).argmax(-1) == labels).float().mean())
     summary = dict(
-        model="embedded Fashion-MNIST ViT (class_space_saliency/assets/default_vit.json)",
+        model=f"embedded {args.model} ViT (class_space_saliency/assets/"
+        f"{EMBEDDED_MODELS[args.model].name})",
         eval_images=len(labels),
         eval_accuracy=round(accuracy, 4),
         examples=[
@@ -157,8 +158,8 @@ def sanity(args: argparse.Namespace) -> int:
     from .visualize import save_figure
 
     try:
-        model, prep = load_default()
-        inputs, labels = load_default_eval(args.n, preprocessing=prep)
+        model, prep = load_default(args.model)
+        inputs, labels = load_default_eval(args.n, dataset=args.model, preprocessing=prep)
         result = cascading_randomization(
             model, inputs, labels, args.methods, seed=args.seed, progress=True
         )
@@ -197,8 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo_parser = commands.add_parser("demo", help="figures and summary on the embedded model")
+    from .models import DEFAULT_MODEL, EMBEDDED_MODELS
+
+    demo_parser = commands.add_parser("demo", help="figures and summary on an embedded model")
     demo_parser.add_argument("--out", default="demo_out", help="output folder")
+    demo_parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        choices=list(EMBEDDED_MODELS),
+        help="embedded model: fashion-scenes (natural backgrounds, the default) or fashion "
+        "(black backgrounds: shows class space's failure mode on content-free regions)",
+    )
     demo_parser.add_argument(
         "--methods",
         nargs="+",
@@ -238,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="methods to check",
     )
     check.add_argument("--n", type=int, default=100, help="the first N evaluation images")
+    check.add_argument(
+        "--model", default=DEFAULT_MODEL, choices=list(EMBEDDED_MODELS), help="embedded model"
+    )
     check.add_argument("--seed", type=int, default=0, help="seed of the re-initialisation")
     check.add_argument("--out", default="sanity_out", help="output folder")
     check.set_defaults(func=sanity)

@@ -14,7 +14,12 @@ from PIL import Image
 from torch import nn
 
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_CONFIG = ASSETS / "fashion_vit.json"
+#: The embedded models by name: their JSON config (weights next to it, ``.safetensors``).
+EMBEDDED_MODELS = {
+    "fashion-scenes": ASSETS / "fashion_scenes_vit.json",
+    "fashion": ASSETS / "fashion_vit.json",
+}
+DEFAULT_MODEL = "fashion-scenes"
 
 
 @dataclass(frozen=True)
@@ -112,15 +117,48 @@ def _to_pil(image: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def load_default(device: str | torch.device = "cpu") -> tuple[nn.Module, Preprocessing]:
-    """The embedded ViT trained on Fashion-MNIST, in eval mode, with its preprocessing.
+def load_default(
+    name: str = DEFAULT_MODEL, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Preprocessing]:
+    """One of the embedded ViTs, in eval mode, with its preprocessing.
+
+    Args:
+        name: ``"fashion-scenes"`` (default: Fashion-MNIST objects on natural photos, 32x32
+            RGB) or ``"fashion"`` (plain Fashion-MNIST, 28x28, black background).
+        device: Where to put the model.
+
+    Returns:
+        ``(model in eval mode, Preprocessing)``.
+
+    Raises:
+        ValueError: For an unknown name (the message lists the embedded names).
 
     Example:
         >>> model, preprocessing = load_default()
-        >>> preprocessing.class_names[0]
-        'T-shirt/top'
+        >>> preprocessing.input_size, preprocessing.class_names[0]
+        ((3, 32, 32), 'T-shirt/top')
     """
-    return _load_config(DEFAULT_CONFIG, device)
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(
+            f"name must be one of {list(EMBEDDED_MODELS)} (embedded models), got {name!r}"
+        )
+    return _load_config(EMBEDDED_MODELS[name], device)
+
+
+def embedded_preprocessing(name: str = DEFAULT_MODEL) -> Preprocessing:
+    """The preprocessing of an embedded model, without loading its weights."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"name must be one of {list(EMBEDDED_MODELS)}, got {name!r}")
+    return _config_preprocessing(json.loads(EMBEDDED_MODELS[name].read_text()))
+
+
+def _config_preprocessing(config: dict) -> Preprocessing:
+    return Preprocessing(
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        input_size=tuple(config["input_size"]),
+        class_names=tuple(config["class_names"]),
+    )
 
 
 def _load_config(config_path: Path, device: str | torch.device) -> tuple[nn.Module, Preprocessing]:
@@ -130,13 +168,7 @@ def _load_config(config_path: Path, device: str | torch.device) -> tuple[nn.Modu
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **config["kwargs"])
     weights = Path(config_path).with_suffix(".safetensors")
     model.load_state_dict(load_file(str(weights)))
-    preprocessing = Preprocessing(
-        mean=tuple(config["mean"]),
-        std=tuple(config["std"]),
-        input_size=tuple(config["input_size"]),
-        class_names=tuple(config["class_names"]),
-    )
-    return model.to(device).eval(), preprocessing
+    return model.to(device).eval(), _config_preprocessing(config)
 
 
 def load_model(
@@ -147,7 +179,8 @@ def load_model(
     """Load a model and its preprocessing.
 
     Args:
-        name_or_path: ``"default"`` (the embedded model), a JSON config written by
+        name_or_path: ``"default"`` (the default embedded model), an embedded model's name
+            (``"fashion-scenes"``, ``"fashion"``), a JSON config written by
             ``benchmarks/train_default_model.py`` (weights next to it), or a timm model name.
         weights: For timm names: a local ``.safetensors``/``.pth`` state dict. Without it,
             timm's pretrained weights are downloaded (needs the network).
@@ -165,12 +198,15 @@ def load_model(
         >>> model, prep = load_model("vit_base_patch16_224", weights="vit_b16.safetensors")
     """
     if name_or_path == "default":
-        return load_default(device)
+        return load_default(device=device)
+    if name_or_path in EMBEDDED_MODELS:
+        return load_default(name_or_path, device)
     if name_or_path.endswith(".json"):
         return _load_config(Path(name_or_path), device)
     if not timm.is_model(name_or_path):
         raise ValueError(
-            f"model must be 'default', a .json config or a timm model name, got "
+            f"model must be 'default', one of {list(EMBEDDED_MODELS)}, a .json config or a "
+            f"timm model name, got "
             f"{name_or_path!r} (see timm.list_models())"
         )
     if weights is not None:

@@ -14,7 +14,10 @@ regenerated alone, in any order, on any machine:
 - **background**: a random square crop (side 15-100 % of the photo's shorter side, random
   position, random horizontal flip) of one of the photos bundled with scikit-image, resized to
   the canvas. Train and test use disjoint photos (``TRAIN_PHOTOS``, ``TEST_PHOTOS``), so a
-  model is evaluated on backgrounds it never saw. All photos are public domain or CC0 (see
+  model is evaluated on backgrounds it never saw. Training backgrounds are further varied
+  (``vary_background``: rotation by a multiple of 90 degrees, a random permutation of the colour
+  channels, inversion with probability 0.3), so 11 photos do not teach a model their textures;
+  test backgrounds are plain crops. All photos are public domain or CC0 (see
   ``assets/LICENSE-scenes-photos.txt``).
 
 Example:
@@ -108,6 +111,14 @@ def background(photo: np.ndarray, rng: np.random.Generator, canvas: int = CANVAS
     return resize(crop, (canvas, canvas), anti_aliasing=side > canvas).astype(np.float32)
 
 
+def vary_background(backdrop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Training-split variation: rotate by k x 90 degrees, permute channels, maybe invert."""
+    varied = np.rot90(backdrop, k=int(rng.integers(4)))[..., rng.permutation(3)]
+    if rng.random() < 0.3:
+        varied = 1.0 - varied
+    return np.ascontiguousarray(varied)
+
+
 def composite(
     sprite: np.ndarray, backdrop: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +171,8 @@ def make_scene(
     names = photos(split) if photo_names is None else tuple(photo_names)
     photo = _photo(names[int(rng.integers(len(names)))])
     backdrop = background(photo, rng)
+    if split == "train":
+        backdrop = vary_background(backdrop, rng)
     image, mask = composite(sprite, backdrop, rng)
     return Scene(image, mask, int(label))
 

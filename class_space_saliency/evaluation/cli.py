@@ -80,8 +80,10 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         model, preprocessing = load_model(args.model, args.weights)
         if args.data is None:
             from ..data import load_default_eval
+            from ..models import DEFAULT_MODEL
 
-            dataset = load_default_eval(preprocessing=preprocessing)
+            embedded = DEFAULT_MODEL if args.model == "default" else args.model
+            dataset = load_default_eval(dataset=embedded, preprocessing=preprocessing)
         else:
             dataset = ImageFolderDataset(args.data, preprocessing)
         report = run_benchmark(
