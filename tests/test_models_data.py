@@ -18,7 +18,6 @@ from class_space_saliency.models import (
     load_model,
 )
 
-
 MIN_ACCURACY = {"fashion-scenes": 0.85, "fashion": 0.88}
 SIZES = {"fashion-scenes": 32, "fashion": 28}
 
@@ -69,6 +68,7 @@ def test_eval_loaders_shapes_dtypes_and_normalisation(name):
     assert masks.dtype == torch.bool and masks.shape == (5, 1, size, size)
     assert images.dtype == torch.float32 and labels2.dtype == torch.int64
     np.testing.assert_array_equal(raw, raw3)
+    np.testing.assert_array_equal(labels, labels3)
     np.testing.assert_array_equal(masks.numpy(), raw_masks)
     assert 0.05 < masks.float().mean() < 0.7
     for c in range(3):  # plain-torch normalisation of the uint8 pixels

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from class_space_saliency import _fashion_mnist as fashion_mnist
 from class_space_saliency import scenes
 from class_space_saliency.data import load_default_eval_uint8
-
-from class_space_saliency import _fashion_mnist as fashion_mnist
 
 
 def _have_fashion_mnist() -> bool:
