@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.ndimage import binary_erosion
 
 from class_space_saliency import _fashion_mnist as fashion_mnist
 from class_space_saliency import scenes
@@ -94,3 +95,20 @@ def test_shipped_subset_is_the_generators_output():
     np.testing.assert_array_equal(labels, gen_labels)
     np.testing.assert_array_equal(masks[:, 0], gen_masks)
     assert np.abs(images.astype(int) - gen_images).max() <= 1  # resize rounding across builds
+
+
+def test_training_variation_keeps_the_object_and_its_mask():
+    rng = np.random.default_rng(0)
+    backdrop = rng.uniform(size=(32, 32, 3)).astype(np.float32)
+    varied = scenes.vary_background(backdrop, np.random.default_rng(1))
+    assert varied.shape == backdrop.shape and varied.min() >= 0 and varied.max() <= 1
+    field = scenes.smooth_field(np.random.default_rng(2))
+    assert field.shape == (32, 32, 3) and np.abs(np.diff(field, axis=0)).max() < 0.5
+    sprite = np.zeros((28, 28), np.uint8)
+    sprite[6:22, 6:22] = 255
+    for index in range(20):  # masks stay the object's pixels whatever the background
+        scene = scenes.make_scene(sprite, 3, "train", index)
+        interior = binary_erosion(scene.mask)  # edges are anti-aliased
+        inside = scene.image[interior].astype(int)
+        assert interior.sum() >= 16 and scene.label == 3
+        assert (np.abs(inside - inside[0]) <= 1).all()  # one flat tint (intensity 1)
