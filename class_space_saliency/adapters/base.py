@@ -104,17 +104,26 @@ def pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (int(first), int(second))
 
 
-def block_branches(blocks: Sequence[nn.Module], attn: str, mlp: str) -> dict:
-    """Branch modules and layer scales of pre-norm blocks named like timm's.
+def block_branches(
+    blocks: Sequence[nn.Module],
+    attn: str,
+    mlp: str,
+    scale_modules: tuple[str, str] = ("ls1", "ls2"),
+    scale_parameters: tuple[str, str] = ("gamma_1", "gamma_2"),
+) -> dict:
+    """Branch modules and layer scales of pre-norm blocks.
 
-    The attention (MLP) branch is ``ls1`` (``ls2``) where a block has that layer-scale
-    module, else the ``attn`` (``mlp``) module times the block's ``gamma_1`` (``gamma_2``)
-    parameter (BEiT, EVA) where it is not ``None``.
+    The attention (MLP) branch is the block's layer-scale module (timm ``ls1``/``ls2``,
+    DINOv2 ``layer_scale1``/``layer_scale2``) where it has one, else the attention (MLP)
+    module times the block's layer-scale parameter (timm BEiT/EVA ``gamma_1``/``gamma_2``,
+    Hugging Face BEiT ``lambda_1``/``lambda_2``) where that is not ``None``.
 
     Args:
         blocks: The transformer blocks.
         attn: Name of the attention module in a block.
         mlp: Name of the MLP module in a block.
+        scale_modules: Names of the attention / MLP layer-scale modules.
+        scale_parameters: Names of the attention / MLP layer-scale parameters.
 
     Returns:
         ``attention_branches``, ``mlp_branches`` and ``layer_scales`` for ViTAnatomy.
@@ -122,12 +131,15 @@ def block_branches(blocks: Sequence[nn.Module], attn: str, mlp: str) -> dict:
     out: dict = dict(attention_branches=[], mlp_branches=[])
     scales: dict[str, list[torch.Tensor | None]] = dict(attention=[], mlp=[])
     for block in blocks:
-        for component, core, number in (("attention", attn, 1), ("mlp", mlp, 2)):
-            module = getattr(block, f"ls{number}", None)
+        for component, core, scale_module, scale_parameter in (
+            ("attention", attn, scale_modules[0], scale_parameters[0]),
+            ("mlp", mlp, scale_modules[1], scale_parameters[1]),
+        ):
+            module = getattr(block, scale_module, None) if scale_module else None
             scale = None
             if not isinstance(module, nn.Module):
                 module = getattr(block, core, None)
-                scale = getattr(block, f"gamma_{number}", None)
+                scale = getattr(block, scale_parameter, None)
             out[f"{component}_branches"].append(module)
             scales[component].append(scale)
     out["layer_scales"] = scales
