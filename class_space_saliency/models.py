@@ -148,7 +148,8 @@ def load_model(
 
     Args:
         name_or_path: ``"default"`` (the embedded model), a JSON config written by
-            ``benchmarks/train_default_model.py`` (weights next to it), or a timm model name.
+            ``benchmarks/train_default_model.py`` (weights next to it), a timm model name,
+            or ``"hf:ORG/NAME"`` (a Hugging Face hub image classifier, needs the network).
         weights: For timm names: a local ``.safetensors``/``.pth`` state dict. Without it,
             timm's pretrained weights are downloaded (needs the network).
         device: Where to put the model.
@@ -166,6 +167,10 @@ def load_model(
     """
     if name_or_path == "default":
         return load_default(device)
+    if name_or_path.startswith("hf:"):  # Hugging Face hub (optional extra)
+        from .hub import load_hf
+
+        return load_hf(name_or_path[3:], device)
     if name_or_path.endswith(".json"):
         return _load_config(Path(name_or_path), device)
     if not timm.is_model(name_or_path):

@@ -250,3 +250,27 @@ def test_class_space_gradient_on_vit_uses_cls_attention():
         total = total - grad[:, :, 0, 1:].sum(1)
     got = ClassSpaceAttentionGradient(model).attribute(images, TARGET)
     torch.testing.assert_close(got, maps(total.detach()), rtol=1e-4, atol=1e-5)
+
+
+def test_load_model_hf_from_a_saved_directory_and_offline_error(tmp_path, monkeypatch):
+    from class_space_saliency.models import load_model
+
+    model = make("vit")
+    model.config.id2label = {i: f"class {i}" for i in range(7)}
+    model.save_pretrained(tmp_path)
+    T.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3).save_pretrained(
+        tmp_path
+    )
+    loaded, prep = load_model(f"hf:{tmp_path}")
+    images = images_for()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).logits, model(images).logits)
+    assert prep.input_size == (3, 32, 32) and prep.mean == (0.5, 0.5, 0.5)
+    assert prep.class_names[6] == "class 6"
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(T.AutoModelForImageClassification, "from_pretrained", offline)
+    with pytest.raises(RuntimeError, match="could not load the Hugging Face model"):
+        load_model("hf:nobody/no-such-model-here")
