@@ -205,19 +205,7 @@ class ViTAnatomy:
             ValueError: If the model has a fixed input size and ``input_size`` differs, or
                 the size is smaller than one patch.
         """
-        height, width = int(input_size[-2]), int(input_size[-1])
-        ph, pw = self.patch_size
-        if self.img_size is not None and (height, width) != self.img_size:
-            raise ValueError(
-                f"inputs must have spatial size {self.img_size} for this fixed-size model "
-                f"(patch {self.patch_size}), got {(height, width)}; resize the images or build "
-                "a timm model with dynamic_img_size=True"
-            )
-        if height < ph or width < pw:
-            raise ValueError(f"inputs of size {(height, width)} are smaller than one patch")
-        if self.dynamic_pad:
-            return (math.ceil(height / ph), math.ceil(width / pw))
-        return (height // ph, width // pw)
+        return patch_grid(input_size, self.patch_size, self.img_size, self.dynamic_pad)
 
     def resolve_layers(self, layer: int | Sequence[int] | str) -> list[int]:
         """Normalise a layer spec (int, list of ints, or ``"all"``) to block indices.
@@ -313,9 +301,12 @@ class ViTAnatomy:
             raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
         modules = table[component]
         if modules is None or modules[block] is None:
+            reason = "its blocks have no recognised attention/MLP branch modules"
+            if component == "attention" and self.attention_reason:
+                reason = self.attention_reason
             raise ValueError(
                 f"component {component!r} is not available for {type(self.model).__name__}: "
-                "its blocks have no recognised attention/MLP branch modules"
+                f"{reason}"
             )
         return modules[block]
 
@@ -385,6 +376,39 @@ class ViTAnatomy:
                 setattr(owner, name, flag)
             for module in training:
                 module.training = True
+
+
+def patch_grid(
+    input_size: Sequence[int],
+    patch_size: tuple[int, int],
+    img_size: tuple[int, int] | None = None,
+    dynamic_pad: bool = False,
+) -> tuple[int, int]:
+    """Patch grid (h, w) of an input of spatial size (..., H, W).
+
+    Args:
+        input_size: The input's shape or spatial size; the last two entries are (H, W).
+        patch_size: (ph, pw) in pixels.
+        img_size: The fixed input size of the model, or ``None`` for any size.
+        dynamic_pad: Whether the model pads inputs up to a multiple of the patch.
+
+    Raises:
+        ValueError: If the model has a fixed input size and ``input_size`` differs, or
+            the size is smaller than one patch.
+    """
+    height, width = int(input_size[-2]), int(input_size[-1])
+    ph, pw = patch_size
+    if img_size is not None and (height, width) != img_size:
+        raise ValueError(
+            f"inputs must have spatial size {img_size} for this fixed-size model "
+            f"(patch {patch_size}), got {(height, width)}; resize the images or build "
+            "a timm model with dynamic_img_size=True"
+        )
+    if height < ph or width < pw:
+        raise ValueError(f"inputs of size {(height, width)} are smaller than one patch")
+    if dynamic_pad:
+        return (math.ceil(height / ph), math.ceil(width / pw))
+    return (height // ph, width // pw)
 
 
 # ---------------------------------------------------------------------------- hook helpers

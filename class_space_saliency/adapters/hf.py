@@ -109,11 +109,11 @@ def parts(model: nn.Module) -> dict:
         attention_kind="hf",
         pre_attention_norms=[getattr(layer, norm1) for layer in layers],
         token_path="token removal is implemented for timm ViTs only",
-        output_logits=_logits,
+        output_logits=hf_logits,
         **block_branches(layers, "attention", "mlp", scales, ("lambda_1", "lambda_2")),
     )
 
 
-def _logits(output) -> torch.Tensor:
+def hf_logits(output) -> torch.Tensor:
     """``output.logits`` of Hugging Face outputs (tensors pass through)."""
     return output if isinstance(output, torch.Tensor) else output.logits
