@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .clip import zero_shot_clip  # noqa: F401  (re-exported: models.zero_shot_clip)
+
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_CONFIG = ASSETS / "fashion_vit.json"
 

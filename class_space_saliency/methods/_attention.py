@@ -85,8 +85,9 @@ def check_attention_support(
         )
     if differentiable and anatomy.attention_kind == "mha":
         raise UnsupportedModelError(
-            f"{method} needs differentiable attention probabilities, which only timm-style "
-            f"attention modules expose ({type(model).__name__} uses nn.MultiheadAttention, "
+            f"{method} needs differentiable attention probabilities, which timm-style and "
+            "Hugging Face eager attention expose "
+            f"({type(model).__name__} uses nn.MultiheadAttention, "
             "whose returned weights are not on the gradient path); use AttentionRollout "
             "or GradCAM for this model"
         )
