@@ -472,7 +472,7 @@ def reference_sobel(images, patch):
     return magnitude.reshape(b, height // ph, ph, width // pw, pw).mean((2, 4))[:, None]
 
 
-@pytest.mark.parametrize("family", ["plain", "dynamic"])
+@pytest.mark.parametrize("family", ["plain", "dynamic", "distilled", "avgpool", "torchvision"])
 def test_sobel_matches_hand_computation_and_ignores_the_model(family):
     model = make_model(family)
     images = input_for(family)

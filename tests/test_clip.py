@@ -150,3 +150,19 @@ def test_zero_shot_clip_validates_its_arguments():
         zero_shot_clip(clip, tokenizer, "a cat")
     with pytest.raises(TypeError, match="open_clip CLIP model"):
         zero_shot_clip(torch.nn.Linear(2, 2), tokenizer, PROMPTS)
+
+
+def test_token_removal_is_refused():
+    from class_space_saliency.evaluation.curves import check_token_model
+
+    with pytest.raises(TypeError, match="token removal is not supported for ZeroShotCLIP"):
+        check_token_model(make()[1])
+
+
+def test_controls_on_the_patch_grid():
+    from test_swin_and_controls import sobel_by_hand
+
+    from class_space_saliency import SobelSaliency
+
+    images = images_for()
+    torch.testing.assert_close(SobelSaliency(make()[1]).attribute(images), sobel_by_hand(images, 8))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from captum.attr import LayerGradCam
 from conftest import NUM_CLASSES, TINY, _eval, assert_state_unchanged, model_state
+from test_swin_and_controls import sobel_by_hand
 from timm.layers import apply_rot_embed_cat
 from timm.models.beit import Beit
 from timm.models.eva import Eva
@@ -26,9 +27,11 @@ from class_space_saliency import (
     ClassSpaceSaliency,
     GradCAM,
     RawAttention,
+    SobelSaliency,
     class_identifiability,
 )
 from class_space_saliency.adapters import UnsupportedModelError
+from class_space_saliency.evaluation.curves import check_token_model
 
 READS = {
     # family: ("mean", first pooled token) or ("row", token) -- from each model's forward_head
@@ -265,3 +268,15 @@ def test_gradcam_equals_captum_on_beit():
     got = GradCAM(model, layer=layer).attribute(images, TARGET)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert NUM_CLASSES == 7
+
+
+@pytest.mark.parametrize("family", ["beit", "eva02"])
+def test_token_removal_refuses_position_inside_attention(family):
+    with pytest.raises(TypeError, match="position information inside attention"):
+        check_token_model(make(family))
+
+
+def test_controls_on_the_patch_grid(family):
+    images = images_for()
+    want = sobel_by_hand(images, 8)
+    torch.testing.assert_close(SobelSaliency(make(family)).attribute(images), want)

@@ -274,3 +274,26 @@ def test_load_model_hf_from_a_saved_directory_and_offline_error(tmp_path, monkey
     monkeypatch.setattr(T.AutoModelForImageClassification, "from_pretrained", offline)
     with pytest.raises(RuntimeError, match="could not load the Hugging Face model"):
         load_model("hf:nobody/no-such-model-here")
+
+
+def test_identifiability_and_token_removal(family):
+    from class_space_saliency import class_identifiability
+    from class_space_saliency.evaluation.curves import check_token_model
+
+    model = make(family)
+    images = images_for(4)
+    labels = torch.tensor([0, 1, 2, 3])
+    result = class_identifiability(model, images, labels)
+    with torch.no_grad():
+        _, out = reference(model, images)
+        last = project(model, family, out.hidden_states[-1])
+    prefix = FAMILIES[family][4]
+    rate = (last[:, prefix:].argmax(-1) == labels[:, None]).float().mean() * 100
+    torch.testing.assert_close(result.token_rate[-1], rate)
+    if family == "beit":  # mean-pooled: no [CLS] statistics
+        assert result.cls_rate is None
+    else:
+        want = (last[:, 0].argmax(-1) == labels).float().mean() * 100
+        torch.testing.assert_close(result.cls_rate[-1], want)
+    with pytest.raises(TypeError, match="token removal is not supported"):
+        check_token_model(model)

@@ -156,6 +156,24 @@ class TinyCNN(nn.Module):
         return self.fc(F.relu(self.conv(x)).mean((2, 3)))
 
 
+def sobel_by_hand(images: torch.Tensor, cell: int) -> torch.Tensor:
+    """Replicate-padded grey image, |(gx, gy)|, mean per cell x cell block."""
+    gray = images.mean(1, keepdim=True)
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
+    gx, gy = F.conv2d(padded, kx[None, None]), F.conv2d(padded, kx.T[None, None])
+    return F.avg_pool2d((gx**2 + gy**2).sqrt(), cell)
+
+
+@pytest.mark.parametrize("kind", ["timm", "hf"])
+def test_controls_on_swin_use_the_last_stage_grid(kind):
+    model = timm_swin() if kind == "timm" else hf_swin()
+    images = images_for()
+    torch.testing.assert_close(SobelSaliency(model).attribute(images), sobel_by_hand(images, 8))
+    want = F.avg_pool2d(images.mean(1, keepdim=True), 8)
+    torch.testing.assert_close(IntensitySaliency(model).attribute(images, TARGET), want)
+
+
 def test_controls_work_on_a_cnn():
     model = TinyCNN().eval()
     images = images_for(2)
@@ -163,13 +181,8 @@ def test_controls_work_on_a_cnn():
     want = F.avg_pool2d(gray, 8)
     got = IntensitySaliency(model, patch_size=8, num_classes=5).attribute(images, 4)
     torch.testing.assert_close(got, want)
-    # Sobel by hand: replicate-padded grey image, |(gx, gy)|, mean per 8x8 cell
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
-    gx, gy = F.conv2d(padded, kx[None, None]), F.conv2d(padded, kx.T[None, None])
-    want = F.avg_pool2d((gx**2 + gy**2).sqrt(), 8)
     got = SobelSaliency(model, patch_size=8, num_classes=5).attribute(images)
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, sobel_by_hand(images, 8))
     noise = RandomSaliency(model, seed=3, patch_size=(4, 8), num_classes=5).attribute(images)
     assert noise.shape == (2, 1, 8, 4) and ((noise >= 0) & (noise < 1)).all()
     with pytest.raises(ValueError, match="out of range"):
