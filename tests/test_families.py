@@ -8,6 +8,8 @@ head's readout, written out per family in ``READS``; its logits must equal the m
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import timm
 import torch
@@ -31,7 +33,8 @@ from class_space_saliency import (
     class_identifiability,
 )
 from class_space_saliency.adapters import UnsupportedModelError
-from class_space_saliency.evaluation.curves import check_token_model
+from class_space_saliency.evaluation.curves import check_token_model, perturbation_curves
+from class_space_saliency.evaluation.protocols import PROTOCOLS
 
 READS = {
     # family: ("mean", first pooled token) or ("row", token) -- from each model's forward_head
@@ -280,3 +283,27 @@ def test_controls_on_the_patch_grid(family):
     images = images_for()
     want = sobel_by_hand(images, 8)
     torch.testing.assert_close(SobelSaliency(make(family)).attribute(images), want)
+
+
+@pytest.mark.parametrize("family", ["avgcls", "reg4gap"])
+def test_token_removal_on_pooled_models_equals_masked_keys_and_mean(family):
+    """Removing image tokens = masking them as attention keys and leaving them out of the mean."""
+    model = make(family)
+    images = images_for()
+    saliency = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    protocol = dataclasses.replace(PROTOCOLS["vilas2023/positive"], score="logit")
+    _, curves = perturbation_curves(
+        model, images, saliency, TARGET, protocol, mean=(0.5,) * 3, std=(0.5,) * 3
+    )
+    npt = prefix(family)
+    order = saliency.flatten(1).argsort(dim=1, descending=True, stable=True)
+    for step, removed in enumerate(range(1, 16)):
+        keep = torch.ones(3, npt + 16, dtype=torch.bool)
+        keep.scatter_(1, order[:, :removed] + npt, False)
+        mask = keep[:, None, None, :].expand(-1, 1, npt + 16, -1)
+        with torch.no_grad():
+            tokens = model.forward_features(images, attn_mask=mask)[:, npt:]
+            kept = keep[:, npt:, None].float()
+            pooled = (tokens * kept).sum(1) / kept.sum(1)
+            want = model.head(model.fc_norm(pooled))[torch.arange(3), TARGET]
+        torch.testing.assert_close(curves[:, step], want, atol=1e-5, rtol=1e-4)

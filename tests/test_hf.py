@@ -227,27 +227,37 @@ def test_gradcam_equals_captum_on_the_last_pre_attention_norm(family):
     torch.testing.assert_close(GradCAM(model).attribute(images, TARGET), want, rtol=1e-5, atol=1e-7)
 
 
-def test_class_space_gradient_on_vit_uses_cls_attention():
-    """Block-local reference: hooks on an eager copy, CE of the [CLS] attention branch."""
-    model = make("vit")
+@pytest.mark.parametrize("family", ["vit", "deit", "dinov2", "dinov2_reg"])
+def test_class_space_gradient_uses_cls_attention(family):
+    """Block-local reference on an eager copy: CE of the [CLS] attention branch (after
+    DINOv2's layer scale) projected through the head, gradient w.r.t. that block's probs."""
+    model = make(family)
     images = images_for()
     eager, _ = reference(model, images)
+    layers = (
+        eager.base_model.layers if family in ("vit", "deit") else eager.base_model.encoder.layer
+    )
     branches = []
     handles = [
-        layer.attention.register_forward_hook(lambda m, a, o: branches.append(o))
-        for layer in eager.base_model.layers
+        layer.attention.register_forward_hook(
+            lambda m, a, o, layer=layer: branches.append(
+                (getattr(layer, "layer_scale1", nn.Identity())(o[0]), o[1])
+            )
+        )
+        for layer in layers
     ]
     try:
         eager(images)
     finally:
         for handle in handles:
             handle.remove()
+    prefix = FAMILIES[family][4]
     total = 0.0
     for output, probs in branches:
-        logits = project(eager, "vit", output[:, 0])
+        logits = project(eager, family, output[:, 0])
         loss = nn.functional.cross_entropy(logits, TARGET, reduction="sum")
         (grad,) = torch.autograd.grad(loss, probs, retain_graph=True)
-        total = total - grad[:, :, 0, 1:].sum(1)
+        total = total - grad[:, :, 0, prefix:].sum(1)
     got = ClassSpaceAttentionGradient(model).attribute(images, TARGET)
     torch.testing.assert_close(got, maps(total.detach()), rtol=1e-4, atol=1e-5)
 
