@@ -152,11 +152,46 @@ def test_zero_shot_clip_validates_its_arguments():
         zero_shot_clip(torch.nn.Linear(2, 2), tokenizer, PROMPTS)
 
 
-def test_token_removal_is_refused():
-    from class_space_saliency.evaluation.curves import check_token_model
+@pytest.mark.parametrize("pool", ["tok", "avg"])
+def test_token_removal_equals_masked_keys(pool):
+    """Hand-run visual tower with removed tokens masked as keys (and out of the mean)."""
+    import dataclasses
 
-    with pytest.raises(TypeError, match="token removal is not supported for ZeroShotCLIP"):
-        check_token_model(make()[1])
+    from class_space_saliency.evaluation.curves import perturbation_curves
+    from class_space_saliency.evaluation.protocols import PROTOCOLS
+
+    clip, classifier = make(pool)
+    images = images_for()
+    saliency = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    protocol = dataclasses.replace(PROTOCOLS["vilas2023/positive"], score="logit")
+    _, curves = perturbation_curves(
+        classifier, images, saliency, TARGET, protocol, mean=(0.5,) * 3, std=(0.5,) * 3
+    )
+    text, v = text_space(clip), clip.visual
+    order = saliency.flatten(1).argsort(dim=1, descending=True, stable=True)
+    for step, removed in enumerate(range(1, 16)):
+        keep = torch.ones(3, 17, dtype=torch.bool)
+        keep.scatter_(1, order[:, :removed] + 1, False)
+        with torch.no_grad():
+            x = v.conv1(images).flatten(2).transpose(1, 2)
+            x = torch.cat([v.class_embedding.expand(3, 1, -1), x], 1) + v.positional_embedding
+            x = v.ln_pre(x)
+            for block in v.transformer.resblocks:
+                h = block.ln_1(x)
+                out = block.attn(h, h, h, key_padding_mask=~keep, need_weights=False)[0]
+                x = x + block.ls_1(out)
+                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            if pool == "tok":
+                logits = cosine_logits(clip, x[:, 0], text)
+            else:
+                kept = keep[:, 1:, None].float()
+                normed = v.ln_post(x[:, 1:])
+                pooled = (normed * kept).sum(1) / kept.sum(1)
+                embedded = F.normalize(pooled @ v.proj, dim=-1)
+                logits = clip.logit_scale.exp() * embedded @ text.T
+        torch.testing.assert_close(
+            curves[:, step], logits[torch.arange(3), TARGET], atol=1e-5, rtol=1e-4
+        )
 
 
 def test_controls_on_the_patch_grid():

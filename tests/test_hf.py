@@ -4,6 +4,7 @@ from the models' own ``output_hidden_states`` / ``output_attentions`` (eager att
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -302,8 +303,39 @@ def test_identifiability_and_token_removal(family):
     torch.testing.assert_close(result.token_rate[-1], rate)
     if family == "beit":  # mean-pooled: no [CLS] statistics
         assert result.cls_rate is None
+        with pytest.raises(TypeError, match="relative position bias"):
+            check_token_model(model)
     else:
         want = (last[:, 0].argmax(-1) == labels).float().mean() * 100
         torch.testing.assert_close(result.cls_rate[-1], want)
-    with pytest.raises(TypeError, match="token removal is not supported"):
-        check_token_model(model)
+
+
+@pytest.mark.parametrize("family", ["vit", "deit", "dinov2", "dinov2_reg"])
+def test_token_removal_equals_the_models_own_attention_mask(family):
+    """Removing image tokens = masking them as keys (HF attention_mask) and out of the mean."""
+    from class_space_saliency.evaluation.curves import perturbation_curves
+    from class_space_saliency.evaluation.protocols import PROTOCOLS
+
+    model = make(family)
+    images = images_for()
+    saliency = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    protocol = dataclasses.replace(PROTOCOLS["vilas2023/positive"], score="logit")
+    _, curves = perturbation_curves(
+        model, images, saliency, TARGET, protocol, mean=(0.5,) * 3, std=(0.5,) * 3
+    )
+    prefix = FAMILIES[family][4]
+    order = saliency.flatten(1).argsort(dim=1, descending=True, stable=True)
+    for step, removed in enumerate(range(1, 16)):
+        keep = torch.ones(3, prefix + 16, dtype=torch.bool)
+        keep.scatter_(1, order[:, :removed] + prefix, False)
+        with torch.no_grad():
+            out = model(images, attention_mask=keep, output_hidden_states=True)
+            if family.startswith("dinov2"):  # its head averages the kept image tokens only
+                normed = model.base_model.layernorm(out.hidden_states[-1])
+                kept = keep[:, prefix:, None].float()
+                mean = (normed[:, prefix:] * kept).sum(1) / kept.sum(1)
+                logits = model.classifier(torch.cat([normed[:, 0], mean], -1))
+            else:
+                logits = out.logits
+        want = logits[torch.arange(3), TARGET]
+        torch.testing.assert_close(curves[:, step], want, atol=1e-5, rtol=1e-4)

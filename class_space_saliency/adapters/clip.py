@@ -8,9 +8,10 @@ reads [CLS] (``pool_type="tok"``) or the mean of the image tokens (``"avg"``). A
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from .base import Readout, UnsupportedModelError, block_branches, pair
+from .base import Readout, TokenPath, UnsupportedModelError, block_branches, pair
 
 NAME = "CLIP zero-shot"
 LOOKS_FOR = "a ZeroShotCLIP (class_space_saliency.models.zero_shot_clip of an open_clip model)"
@@ -48,6 +49,26 @@ def parts(model: nn.Module) -> dict:
         attention_modules=[b.attn for b in blocks],
         attention_kind="mha",
         pre_attention_norms=[b.ln_1 for b in blocks],
-        token_path="token removal is implemented for timm ViTs only",
+        token_path=token_path(model, pool),
         **block_branches(blocks, "attn", "mlp", ("ls_1", "ls_2")),
     )
+
+
+def token_path(model: nn.Module, pool: str) -> TokenPath:
+    """Patch embedding, [CLS], position embedding, ``ln_pre``; blocks, pooling, cosine head."""
+    visual = model.clip.visual
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        patches = visual.conv1(images).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.expand(patches.shape[0], 1, -1).to(patches.dtype)
+        return visual.ln_pre(torch.cat([cls, patches], 1) + visual.positional_embedding)
+
+    def classify(tokens: torch.Tensor) -> torch.Tensor:
+        for block in visual.transformer.resblocks:
+            tokens = block(tokens)
+        after = getattr(visual, "final_ln_after_pool", False)
+        tokens = tokens if after else visual.ln_post(tokens)
+        pooled = tokens[:, 0] if pool == "tok" else tokens[:, 1:].mean(1)
+        return model.head(visual.ln_post(pooled) if after else pooled)
+
+    return TokenPath(embed, classify, 1)

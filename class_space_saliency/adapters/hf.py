@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Readout, UnsupportedModelError, block_branches, pair
+from .base import Readout, TokenPath, UnsupportedModelError, block_branches, pair
 
 NAME = "Hugging Face ViT-like"
 LOOKS_FOR = (
@@ -74,6 +74,7 @@ def parts(model: nn.Module) -> dict:
     distilled = hasattr(base.embeddings, "distillation_token")
     prefix = 1 + int(distilled) + registers
     norm: nn.Module = base.layernorm
+    token_path: TokenPath | str = "BEiT's relative position bias is tied to the full grid"
     if hasattr(model, "cls_classifier"):  # DeiT with teacher
         heads = (model.cls_classifier, model.distillation_classifier)
         readout = Readout(cls_rows=(0, 1))
@@ -90,6 +91,8 @@ def parts(model: nn.Module) -> dict:
             f"{type(model).__name__} has no image-classification head (classifier); load an "
             "...ForImageClassification model"
         )
+    if config.model_type != "beit":
+        token_path = _token_path(model, layers, prefix)
     if any(isinstance(head, nn.Identity) for head in heads):
         raise UnsupportedModelError(f"{type(model).__name__} has no classifier head (num_labels=0)")
     first = layers[0]
@@ -108,10 +111,29 @@ def parts(model: nn.Module) -> dict:
         attention_modules=[layer.attention for layer in layers],
         attention_kind="hf",
         pre_attention_norms=[getattr(layer, norm1) for layer in layers],
-        token_path="token removal is implemented for timm ViTs only",
+        token_path=token_path,
         output_logits=hf_logits,
         **block_branches(layers, "attention", "mlp", scales, ("lambda_1", "lambda_2")),
     )
+
+
+def _token_path(model: nn.Module, layers: list[nn.Module], prefix: int) -> TokenPath:
+    """Embeddings, layers, final norm and head of ViT / DeiT / DINOv2 on any token count."""
+    base = model.base_model
+
+    def classify(tokens: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            output = layer(tokens)
+            tokens = output[0] if isinstance(output, tuple) else output
+        normed = base.layernorm(tokens)
+        if hasattr(model, "cls_classifier"):  # DeiT with teacher: two heads, averaged
+            distilled = model.distillation_classifier(normed[:, 1])
+            return (model.cls_classifier(normed[:, 0]) + distilled) / 2
+        if model.config.model_type.startswith("dinov2"):
+            return model.classifier(torch.cat([normed[:, 0], normed[:, prefix:].mean(1)], -1))
+        return model.classifier(normed[:, 0])
+
+    return TokenPath(base.embeddings, classify, prefix)
 
 
 def hf_logits(output) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from .base import Readout, pair
+from .base import Readout, TokenPath, pair
 
 NAME = "torchvision ViT"
 LOOKS_FOR = "a torchvision VisionTransformer (encoder.layers, encoder.ln, heads)"
@@ -38,5 +39,23 @@ def parts(model: nn.Module) -> dict:
         attention_modules=[b.self_attention for b in blocks],
         attention_kind="mha",
         pre_attention_norms=[b.ln_1 for b in blocks],
-        token_path=f"{type(model).__name__} adds position embeddings inside its encoder",
+        token_path=token_path(model),
     )
+
+
+def token_path(model: nn.Module) -> TokenPath:
+    """Patch embedding + [CLS] + position embedding; encoder layers, ``ln``, ``heads``."""
+    encoder = model.encoder
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        patches = model.conv_proj(images).flatten(2).transpose(1, 2)
+        cls = model.class_token.expand(patches.shape[0], -1, -1)
+        return torch.cat([cls, patches], 1) + encoder.pos_embedding
+
+    def classify(tokens: torch.Tensor) -> torch.Tensor:
+        tokens = encoder.dropout(tokens)
+        for layer in encoder.layers:
+            tokens = layer(tokens)
+        return model.heads(encoder.ln(tokens)[:, 0])
+
+    return TokenPath(embed, classify, 1)
