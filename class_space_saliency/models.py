@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .clip import zero_shot_clip  # noqa: F401  (re-exported: models.zero_shot_clip)
+
 ASSETS = Path(__file__).parent / "assets"
 #: The embedded models by name: their JSON config (weights next to it, ``.safetensors``).
 EMBEDDED_MODELS = {
@@ -181,7 +183,8 @@ def load_model(
     Args:
         name_or_path: ``"default"`` (the default embedded model), an embedded model's name
             (``"fashion-scenes"``, ``"fashion"``), a JSON config written by
-            ``benchmarks/train_default_model.py`` (weights next to it), or a timm model name.
+            ``benchmarks/train_default_model.py`` (weights next to it), a timm model name,
+            or ``"hf:ORG/NAME"`` (a Hugging Face hub image classifier, needs the network).
         weights: For timm names: a local ``.safetensors``/``.pth`` state dict. Without it,
             timm's pretrained weights are downloaded (needs the network).
         device: Where to put the model.
@@ -201,6 +204,10 @@ def load_model(
         return load_default(device=device)
     if name_or_path in EMBEDDED_MODELS:
         return load_default(name_or_path, device)
+    if name_or_path.startswith("hf:"):  # Hugging Face hub (optional extra)
+        from .hub import load_hf
+
+        return load_hf(name_or_path[3:], device)
     if name_or_path.endswith(".json"):
         return _load_config(Path(name_or_path), device)
     if not timm.is_model(name_or_path):

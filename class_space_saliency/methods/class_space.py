@@ -120,7 +120,7 @@ class ClassSpaceSaliency(SaliencyMethod):
         reduce = image_tokens if target is None else image_scores
         unique = list(dict.fromkeys(layers))
         with self.anatomy.capture([(component, b) for b in unique], reduce=reduce) as cap:
-            cap.output = self.model(inputs)
+            cap.output = self.anatomy.forward(inputs)
         if target is None:
             target = cap.output.argmax(-1)
             for key, tokens in cap.tokens.items():
