@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import timm
 import torch
 from PIL import Image
 from torch import nn
+
+from .classes import class_index, imagenet_class_names, read_class_names
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_CONFIG = ASSETS / "fashion_vit.json"
@@ -70,26 +73,15 @@ class Preprocessing:
         return self.class_names[index]
 
     def class_index(self, name_or_index: str | int) -> int:
-        """Class index from a name (case-insensitive) or a number.
+        """Class index from a number, a name or one synonym of a name (case-insensitive).
+
+        ImageNet descriptions list synonyms: ``"tabby"`` finds ``"tabby, tabby cat"``.
 
         Raises:
-            ValueError: For an unknown name, or a number outside the known classes.
+            ValueError: For an unknown or ambiguous name (candidates listed, at most 10), or
+                a number outside the known classes.
         """
-        if isinstance(name_or_index, int) or str(name_or_index).lstrip("-").isdigit():
-            index = int(name_or_index)
-            known = len(self.class_names or ())
-            if known and not 0 <= index < known:
-                raise ValueError(
-                    f"class index {index} is out of range for {known} classes "
-                    f"(valid: 0 .. {known - 1})"
-                )
-            return index
-        names = [n.lower() for n in (self.class_names or ())]
-        if name_or_index.lower() not in names:
-            raise ValueError(
-                f"unknown class name {name_or_index!r}; known: {list(self.class_names or [])}"
-            )
-        return names.index(name_or_index.lower())
+        return class_index(name_or_index, self.class_names)
 
 
 def _to_pil(image: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
@@ -143,56 +135,137 @@ def load_model(
     name_or_path: str,
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
+    *,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | str | Path | None = None,
 ) -> tuple[nn.Module, Preprocessing]:
     """Load a model and its preprocessing.
 
     Args:
         name_or_path: ``"default"`` (the embedded model), a JSON config written by
             ``benchmarks/train_default_model.py`` (weights next to it), or a timm model name.
-        weights: For timm names: a local ``.safetensors``/``.pth`` state dict. Without it,
-            timm's pretrained weights are downloaded (needs the network).
+        weights: For timm names: a local ``.safetensors``/``.pth`` state dict, e.g. your own
+            fine-tuned checkpoint. Without it, timm's pretrained weights are downloaded
+            (needs the network).
         device: Where to put the model.
+        num_classes: Classes of the head. Default: inferred from ``weights`` (the shape of
+            its head), else from ``class_names``, else the model's default (1000 for timm).
+        class_names: Names of the classes in index order, or a text file with one per line.
+            Default: the ImageNet names for a 1000-class timm model, else none (numbers).
 
     Returns:
         ``(model in eval mode, Preprocessing)``.
 
     Raises:
-        ValueError: For an unknown name.
+        ValueError: For an unknown name, or weights, ``num_classes`` and ``class_names``
+            that disagree.
+        FileNotFoundError: For a missing weights or class-names file.
         RuntimeError: If pretrained weights cannot be downloaded (offline) and no
             ``weights`` file was given.
 
     Example:
-        >>> model, prep = load_model("vit_base_patch16_224", weights="vit_b16.safetensors")
+        >>> model, prep = load_model("vit_small_patch16_224", weights="pets.pth",
+        ...                          class_names="pets.txt")  # a 37-class fine-tune
     """
-    if name_or_path == "default":
-        return load_default(device)
-    if name_or_path.endswith(".json"):
-        return _load_config(Path(name_or_path), device)
+    if isinstance(class_names, (str, Path)):
+        class_names = read_class_names(class_names)
+    if class_names is not None:
+        class_names = tuple(str(name) for name in class_names)
+    if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if name_or_path == "default" or name_or_path.endswith(".json"):
+        model, preprocessing = (
+            load_default(device)
+            if name_or_path == "default"
+            else _load_config(Path(name_or_path), device)
+        )
+        _check_class_count(len(preprocessing.class_names), num_classes, class_names, "the model")
+        if class_names is not None:
+            preprocessing = dataclasses.replace(preprocessing, class_names=class_names)
+        return model, preprocessing
     if not timm.is_model(name_or_path):
         raise ValueError(
             f"model must be 'default', a .json config or a timm model name, got "
             f"{name_or_path!r} (see timm.list_models())"
         )
     if weights is not None:
-        model = timm.create_model(name_or_path, pretrained=False)
-        model.load_state_dict(_read_state_dict(Path(weights)))
+        state = _read_state_dict(Path(weights))
+        head = _head_classes(state)
+        _check_class_count(head, num_classes, class_names, f"the checkpoint {weights}")
+        count = head or num_classes or (len(class_names) if class_names else None)
+        options = {} if count is None else {"num_classes": count}
+        model = timm.create_model(name_or_path, pretrained=False, **options)
+        _load_state(model, state, name_or_path, Path(weights))
     else:
+        count = num_classes or (len(class_names) if class_names else None)
+        _check_class_count(count, num_classes, class_names, "num_classes")
+        options = {} if count is None else {"num_classes": count}
         try:
-            model = timm.create_model(name_or_path, pretrained=True)
+            model = timm.create_model(name_or_path, pretrained=True, **options)
         except Exception as error:  # network or hub failures surface as many types
             raise RuntimeError(
                 f"could not fetch pretrained weights for {name_or_path!r} ({error}); "
                 "pass weights=PATH to a local state dict"
             ) from error
     config = timm.data.resolve_data_config({}, model=model)
+    if class_names is None and getattr(model, "num_classes", None) == 1000:
+        class_names = imagenet_class_names()
     preprocessing = Preprocessing(
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
         input_size=tuple(config["input_size"]),
-        class_names=_imagenet_names(model),
+        class_names=class_names,
         transform=timm.data.create_transform(**config),
     )
     return model.to(device).eval(), preprocessing
+
+
+def _check_class_count(
+    found: int | None,
+    num_classes: int | None,
+    class_names: Sequence[str] | None,
+    source: str,
+) -> None:
+    """Raise ValueError where ``num_classes`` or ``class_names`` contradict ``found``."""
+    if found is not None and num_classes is not None and found != num_classes:
+        raise ValueError(f"{source} has {found} classes, but num_classes={num_classes}")
+    expected = found or num_classes
+    if class_names is not None and expected is not None and len(class_names) != expected:
+        raise ValueError(
+            f"{len(class_names)} class names given, but {source} has {expected} classes"
+        )
+
+
+def _head_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes of a timm checkpoint's head (``head.weight`` / ``head.fc.weight``)."""
+    for key in ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight"):
+        if key in state and state[key].dim() == 2:
+            return int(state[key].shape[0])
+    return None
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
+    """``load_state_dict`` with a short error naming a few mismatched keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
+        for what, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        )
+        if items
+    ]
+    if problems:
+        raise ValueError(f"weights {path} do not fit timm model {name!r}: {'; '.join(problems)}")
+    model.load_state_dict(state)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -204,10 +277,3 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state.get("model", state))
-
-
-def _imagenet_names(model: nn.Module) -> tuple[str, ...] | None:
-    if getattr(model, "num_classes", None) != 1000:
-        return None
-    info = timm.data.ImageNetInfo()
-    return tuple(info.index_to_description(i) for i in range(1000))
