@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ class Preprocessing:
         input_size: (C, H, W) the model expects.
         class_names: Names of the classes, where known.
         transform: Optional PIL -> tensor transform (timm's eval transform) used instead.
+        crop_pct: With ``transform``: timm's centre-crop fraction (the shorter side is
+            resized to ``H / crop_pct``, then the centre (H, W) is cropped); ``None`` for a
+            transform that keeps the whole image.
     """
 
     mean: tuple[float, ...]
@@ -42,6 +46,7 @@ class Preprocessing:
     input_size: tuple[int, int, int]
     class_names: tuple[str, ...] | None = None
     transform: Callable | None = None
+    crop_pct: float | None = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images (..., C, H, W) -> normalised model inputs."""
@@ -65,6 +70,22 @@ class Preprocessing:
         array = np.asarray(pil, dtype=np.float32) / 255.0
         tensor = torch.from_numpy(array).reshape(height, width, -1).permute(2, 0, 1)
         return self.normalize(tensor)
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The region ``(left, top, right, bottom)`` of a ``width`` x ``height`` image that
+        the model sees after preprocessing (the whole image unless a centre crop is used).
+
+        Example:
+            >>> prep.crop_box(640, 480)  # timm, 224 input, crop_pct 0.875
+            (48.0, 0.0, 592.0, 480.0)
+        """
+        if self.transform is None or self.crop_pct is None:
+            return (0.0, 0.0, float(width), float(height))
+        _, crop_h, crop_w = self.input_size
+        scale = math.floor(min(crop_h, crop_w) / self.crop_pct) / min(width, height)
+        box_w, box_h = crop_w / scale, crop_h / scale
+        left, top = (width - box_w) / 2, (height - box_h) / 2
+        return (left, top, left + box_w, top + box_h)
 
     def class_name(self, index: int) -> str:
         """Name of class ``index`` (its number where names are unknown)."""
@@ -216,6 +237,7 @@ def load_model(
         input_size=tuple(config["input_size"]),
         class_names=class_names,
         transform=timm.data.create_transform(**config),
+        crop_pct=config.get("crop_pct") if config.get("crop_mode", "center") == "center" else None,
     )
     return model.to(device).eval(), preprocessing
 
