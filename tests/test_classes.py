@@ -10,6 +10,7 @@ from conftest import make_model
 from PIL import Image
 
 from class_space_saliency.classes import class_index, imagenet_class_names, read_class_names
+from class_space_saliency.evaluation.datasets import match_class_folders
 from class_space_saliency.methods import ClassSpaceSaliency, create_method
 from class_space_saliency.models import load_model
 
@@ -107,3 +108,15 @@ def test_crop_box_is_the_region_timm_preprocessing_keeps(pets_checkpoint):
     assert abs(seen[0, :, -1].mean() - (right - 1) * pixel_x) < 2 * pixel_x
     assert abs(seen[1, 0, :].mean() - top * pixel_y) < 2 * pixel_y
     assert abs(seen[1, -1, :].mean() - (bottom - 1) * pixel_y) < 2 * pixel_y
+
+
+def test_class_folders_match_model_classes():
+    names = imagenet_class_names()
+    folders = ["n02123045", "Egyptian_cat", "goldfish"]
+    assert match_class_folders(folders, names) == {"n02123045": 281, "Egyptian_cat": 285,
+                                                   "goldfish": 1}  # fmt: skip
+    with pytest.raises(ValueError, match=r"1 of 2 class folders match none.*\['kitten'\]"):
+        match_class_folders(["kitten", "goldfish"], names)
+    with pytest.raises(ValueError, match="--labels-by-index"):
+        match_class_folders(["a", "b"], None)
+    assert match_class_folders(["b", "a"], None, by_index=True) == {"a": 0, "b": 1}
