@@ -187,6 +187,59 @@ def with_colorbar(
     return np.concatenate([rgb, strip], 1)
 
 
+def _matplotlib_colormap(colormap: str):
+    """The OpenCV colormap as a matplotlib colormap (same 256 colours)."""
+    from matplotlib.colors import ListedColormap
+
+    ramp = colorize(np.linspace(0, 1, 256, dtype=np.float32)[None], colormap)[0]
+    return ListedColormap(ramp / 255.0, name=colormap)
+
+
+SCALING_NOTES = {
+    "minmax": "colours: min to max of the map",
+    "symmetric": "colours: symmetric, centre = 0",
+    "positive": "colours: 0 to max, negatives shown as 0",
+}
+
+
+def overlay_figure(
+    image: ArrayLike,
+    saliency: ArrayLike,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    normalization: str = "auto",
+    box: Sequence[float] | None = None,
+    title: str | None = None,
+):
+    """One overlay as a matplotlib figure, with a colour bar in map units and a scaling note.
+
+    Args:
+        image, saliency, colormap, alpha, normalization, box: As for :func:`overlay`.
+        title: Optional title.
+
+    Returns:
+        A matplotlib ``Figure`` (shown inline in Jupyter).
+
+    Example:
+        >>> overlay_figure(photo, maps[0], box=preprocessing.crop_box(*photo.size))
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    rgb = overlay(image, saliency, colormap, alpha, normalization, box)
+    low, high, scaling = display_range(saliency, normalization)
+    figure, ax = plt.subplots(figsize=(5, 5 * rgb.shape[0] / rgb.shape[1] + 0.4))
+    ax.imshow(rgb)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    mappable = ScalarMappable(Normalize(low, high), _matplotlib_colormap(colormap))
+    figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label="map value")
+    figure.text(0.01, 0.01, SCALING_NOTES[scaling], fontsize=7)
+    return figure
+
+
 def saliency_grid(
     images: Sequence[ArrayLike],
     columns: Mapping[str, ArrayLike],
@@ -198,6 +251,10 @@ def saliency_grid(
 ):
     """A figure with one row per image: the original, then one overlay per column.
 
+    Every panel is scaled on its own (see the module docstring); the figure's colour bar
+    runs from each panel's low to its high end, panels with symmetric scaling (maps with
+    negative values, centre = 0) are marked "±", and a note below says so.
+
     Args:
         images: Images (see :func:`image_to_uint8`), one per row.
         columns: ``{title: maps}`` where maps is (B, 1, h, w) or (B, h, w) with B rows.
@@ -206,19 +263,24 @@ def saliency_grid(
         cell_size: Inches per panel.
 
     Returns:
-        A matplotlib ``Figure``.
+        A matplotlib ``Figure`` (shown inline in Jupyter).
     """
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     rows, cols = len(images), 1 + len(columns)
     figure, axes = plt.subplots(
-        rows, cols, figsize=(cell_size * cols, cell_size * rows), squeeze=False
+        rows, cols, figsize=(cell_size * cols + 0.8, cell_size * rows + 0.3), squeeze=False
     )
     for r, image in enumerate(images):
         axes[r, 0].imshow(image_to_uint8(image))
         axes[r, 0].set_ylabel(row_titles[r] if row_titles else "", fontsize=7)
         for c, (title, maps) in enumerate(columns.items(), start=1):
             axes[r, c].imshow(overlay(image, maps[r], colormap, alpha, normalization))
+            if display_range(maps[r], normalization)[2] == "symmetric":
+                axes[r, c].text(0.03, 0.97, "±", transform=axes[r, c].transAxes, fontsize=8,
+                                va="top", color="white")  # fmt: skip
             if r == 0:
                 axes[r, c].set_title(title, fontsize=8)
         if r == 0:
@@ -226,7 +288,18 @@ def saliency_grid(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    bar = figure.colorbar(
+        ScalarMappable(Normalize(0, 1), _matplotlib_colormap(colormap)),
+        ax=axes, fraction=0.02, pad=0.01, ticks=[0, 0.5, 1],
+    )  # fmt: skip
+    bar.ax.set_yticklabels(["low", "mid", "high"], fontsize=7)
+    figure.text(
+        0.01, 0.005,
+        f"each panel scaled on its own ({normalization}): min to max, or symmetric around 0 "
+        "where marked ±",
+        fontsize=6,
+    )  # fmt: skip
     return figure
 
 

@@ -133,3 +133,18 @@ def test_help_shows_defaults_choices_and_an_example(capsys):
         assert exited.value.code == 0
         text = capsys.readouterr().out
         assert "(default:" in text and "example:" in text, command
+
+
+def test_decompression_bomb_is_skipped_and_photos_warned_about_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")  # over twice the limit
+    colourful = np.zeros((40, 40, 3), np.uint8)
+    colourful[..., 0] = 255
+    for name in ("red1.png", "red2.png"):
+        Image.fromarray(colourful).save(tmp_path / name)
+    out = tmp_path / "out"
+    assert main(["attribute", str(tmp_path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "bomb.png" in err and "Traceback" not in err
+    assert err.count("Fashion-MNIST") == 1
+    assert (out / "red1_class_space.png").exists() and (out / "red2_class_space.png").exists()
