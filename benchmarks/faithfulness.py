@@ -5,7 +5,7 @@ Two runs, both resumable (rerun the same command after an interruption):
 1. ``main``: every registered method x the three protocol presets on the embedded
    evaluation subset (default 1,000 images).
 2. ``ablation``: class-space variants (block, score, multi-block mean) on the first
-   ``--ablation-n`` images, to choose the default layer and score.
+   ``--ablation-num-images`` images, to choose the default layer and score.
 
 Each run folder gets ``report.md``, ``report.csv`` and ``curves_<preset>.png``; this script
 also writes ``benchmarks/results/faithfulness.json`` with every AUC.
