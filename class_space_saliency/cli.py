@@ -159,6 +159,7 @@ def _looks_unlike_default_data(image, input_size: Sequence[int]) -> bool:
 
 def attribute(args: argparse.Namespace) -> int:
     """Overlays (and raw maps) for the user's own images; bad files are reported and skipped."""
+    import numpy as np
     from PIL import Image
 
     from .data import expand_image_paths, load_image
@@ -230,8 +231,6 @@ def attribute(args: argparse.Namespace) -> int:
             written.append(f"{stem}_{name}.png")
             scaling[name] = display_range(saliency)[2]
             if args.save_maps:
-                import numpy as np
-
                 np.save(out / f"{stem}_{name}.npy", saliency.cpu().numpy().astype(np.float32))
         top = probs.topk(min(5, probs.numel()))
         records.append(
