@@ -5,7 +5,7 @@ Two runs, both resumable (rerun the same command after an interruption):
 1. ``main``: every registered method x the three protocol presets on the embedded
    evaluation subset (default 1,000 images).
 2. ``ablation``: class-space variants (block, score, multi-block mean) on the first
-   ``--ablation-n`` images, to choose the default layer and score.
+   ``--ablation-num-images`` images, to choose the default layer and score.
 
 Each run folder gets ``report.md``, ``report.csv`` and ``curves_<preset>.png``; this script
 also writes ``benchmarks/results/faithfulness.json`` with every AUC.
@@ -55,8 +55,8 @@ PROTOCOLS = ("chefer2021", "rise2018", "vilas2023")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--ablation-n", type=int, default=300)
+    parser.add_argument("--num-images", type=int, default=1000)
+    parser.add_argument("--ablation-num-images", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--max-batch-size", type=int, default=512)
     args = parser.parse_args()
@@ -65,10 +65,10 @@ def main() -> None:
     model, prep = load_default()
     dataset = load_default_eval(preprocessing=prep)
     runs = {
-        "main": ({m: create_method(m, model) for m in MAIN_METHODS}, args.n),
+        "main": ({m: create_method(m, model) for m in MAIN_METHODS}, args.num_images),
         "ablation": (
             {name: create_method("class_space", model, **kw) for name, kw in ABLATION.items()},
-            args.ablation_n,
+            args.ablation_num_images,
         ),
     }
     summary = {}

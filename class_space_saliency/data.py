@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -109,5 +110,37 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read {path} as an image: {error}") from error
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+"""File name endings that :func:`expand_image_paths` takes from folders."""
+
+
+def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders replaced by the image files under them (sorted, recursive).
+
+    Args:
+        paths: Image files and/or folders.
+
+    Returns:
+        The paths, in the given order, with each folder expanded in place.
+
+    Raises:
+        ValueError: For a folder that holds no image files.
+    """
+    expanded: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                raise ValueError(
+                    f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})"
+                )
+            expanded.extend(found)
+        else:
+            expanded.append(path)
+    return expanded

@@ -10,6 +10,8 @@ and writes its own shard; rank 0 writes the report once all ranks are done.
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol as TypingProtocol
@@ -75,6 +77,10 @@ def build_methods(
     if not built:
         raise ValueError("no methods given")
     return built, described
+
+
+def _stored(store: ResultStore) -> dict:
+    return json.loads(store.config_path.read_text())
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -262,12 +268,20 @@ def run_benchmark(
 
     with shard_from_env(device) as shard:
         store = ResultStore(out_dir, shard.rank)
-        store.check_config(config)
+        merged = store.check_config(config)
         shard.barrier()  # every rank has checked before rank 0 writes
-        if shard.rank == 0 and not store.config_path.exists():
-            store.write_config(config)
+        if shard.rank == 0 and (not store.config_path.exists() or merged != _stored(store)):
+            store.write_config(merged)
         store.repair()
         done = {record_key(r) for r in load_records(out_dir)}
+        if done and progress and shard.rank == 0:
+            finished = sum(all((i, *w) in done for w in wanted) for i in range(n_images))
+            skipped = len({r[0] for r in done if r[1] is None and r[0] < n_images})
+            print(
+                f"resuming {out_dir}: {finished} of {n_images} images already done for every "
+                f"method and protocol asked, {skipped} unreadable; computing the rest",
+                file=sys.stderr,
+            )
         curve_options = dict(
             mean=tuple(mean),
             std=tuple(std),
