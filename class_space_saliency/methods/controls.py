@@ -6,12 +6,11 @@ anatomy gives the patch grid and the number of classes) but never run the model.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._seeding import image_generator
 from .base import SaliencyMethod
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
@@ -62,18 +61,10 @@ class RandomSaliency(SaliencyMethod):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.seed = seed
 
-    def _image_seed(self, image: torch.Tensor) -> int:
-        digest = hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=8)
-        digest.update(self.seed.to_bytes(8, "little", signed=True))
-        return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
-
     def _attribute(
         self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
     ) -> torch.Tensor:
-        maps = [
-            torch.rand((1, *grid), generator=torch.Generator().manual_seed(self._image_seed(x)))
-            for x in inputs
-        ]
+        maps = [torch.rand((1, *grid), generator=image_generator(x, self.seed)) for x in inputs]
         return torch.stack(maps).to(inputs.device)
 
 
