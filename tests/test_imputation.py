@@ -6,6 +6,8 @@ import torch
 from class_space_saliency.evaluation import noisy_linear_impute
 
 road = pytest.importorskip("pytorch_grad_cam.metrics.road")
+# the reference imputer hands torch tensors to NumPy 2, which warns
+pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
 
 
 def masks(height: int, width: int) -> dict[str, torch.Tensor]:
