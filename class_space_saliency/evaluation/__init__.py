@@ -9,6 +9,7 @@ Example:
 from .curves import area_under_curve, curve_x, perturbation_curves, step_counts
 from .datasets import ImageFolderDataset, TensorPairDataset, UnreadableImageError
 from .imputation import noisy_linear_impute
+from .localisation import localisation
 from .protocols import PRESETS, PROTOCOLS, Protocol, resolve_protocols
 from .report import BenchmarkReport, MethodRow, summarize, write_report
 from .runner import run_benchmark
@@ -27,6 +28,7 @@ __all__ = [
     "curve_x",
     "load_config",
     "load_records",
+    "localisation",
     "noisy_linear_impute",
     "perturbation_curves",
     "resolve_protocols",
