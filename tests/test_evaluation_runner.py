@@ -35,6 +35,7 @@ from class_space_saliency.evaluation.protocols import protocol_to_dict
 
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 PRESET_NAMES = ["chefer2021", "rise2018", "vilas2023"]
+CLI_PRESETS = [*PRESET_NAMES, "road2022"]
 QUICK = dict(batch_size=3, progress=False, n_boot=50)
 
 
@@ -383,7 +384,7 @@ def test_benchmark_command(tmp_path, monkeypatch, capsys):
         "sobel",
         "intensity",
     ]
-    assert (defaults.protocols, defaults.n, defaults.model) == (PRESET_NAMES, 1000, "default")
+    assert (defaults.protocols, defaults.n, defaults.model) == (CLI_PRESETS, 1000, "default")
     args = parser.parse_args(
         [
             "benchmark",

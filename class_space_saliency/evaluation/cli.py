@@ -13,6 +13,8 @@ from .protocols import PRESETS
 from .runner import run_benchmark
 
 DEFAULT_METHODS = ("class_space", "gradcam", "rollout", "chefer", "random", "sobel", "intensity")
+EMBEDDED_MODELS = ("default",)
+"""Models that ship their own evaluation set (``--data`` may be left out)."""
 
 
 def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -46,11 +48,15 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
         "--protocols",
         nargs="+",
         default=list(PRESETS),
-        help="presets (chefer2021 rise2018 vilas2023) or curves such as rise2018/deletion",
+        help="presets (chefer2021 rise2018 vilas2023 road2022) or curves such as "
+        "rise2018/deletion",
     )
     parser.add_argument("--n", type=int, default=1000, help="evaluate the first N images")
     parser.add_argument(
-        "--data", default=None, help="ImageFolder root (default: the embedded evaluation set)"
+        "--data",
+        default=None,
+        help="ImageFolder root (default: the embedded evaluation set of an embedded model; "
+        "required for any other model)",
     )
     parser.add_argument("--out", default="benchmark_results", help="run folder (resumable)")
     parser.add_argument("--max-batch-size", type=int, default=256, help="inputs per forward")
@@ -76,6 +82,13 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if args.data is None and args.model not in EMBEDDED_MODELS:
+        print(
+            f"error: --model {args.model} has no embedded evaluation set; pass --data with an "
+            f"ImageFolder of its images (embedded models: {', '.join(EMBEDDED_MODELS)})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         model, preprocessing = load_model(args.model, args.weights)
         if args.data is None:
