@@ -48,8 +48,7 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
         "--protocols",
         nargs="+",
         default=list(PRESETS),
-        help="presets (chefer2021 rise2018 vilas2023 road2022) or curves such as "
-        "rise2018/deletion",
+        help="presets (chefer2021 rise2018 vilas2023 road2022) or curves such as rise2018/deletion",
     )
     parser.add_argument("--n", type=int, default=1000, help="evaluate the first N images")
     parser.add_argument(
