@@ -6,7 +6,13 @@ Example:
     ...     mean=(0.5,) * 3, std=(0.5,) * 3, out_dir="runs/a")
 """
 
-from .curves import area_under_curve, curve_x, perturbation_curves, step_counts
+from .curves import (
+    area_under_curve,
+    curve_x,
+    perturbation_curves,
+    perturbation_scores,
+    step_counts,
+)
 from .datasets import ImageFolderDataset, TensorPairDataset, UnreadableImageError
 from .imputation import noisy_linear_impute
 from .localisation import localisation
@@ -31,6 +37,7 @@ __all__ = [
     "localisation",
     "noisy_linear_impute",
     "perturbation_curves",
+    "perturbation_scores",
     "resolve_protocols",
     "run_benchmark",
     "step_counts",
