@@ -115,3 +115,29 @@ def test_check_fails_on_a_stale_readme_and_writing_fixes_it(tmp_path):
     assert tables["main"]([*arguments, "--check"]) == 0
     readme.write_text(stale.replace("m/main", "other/main"))
     assert tables["main"]([*arguments, "--check"]) == 2  # no such model in the JSON
+
+
+def test_faithfulness_script_writes_what_the_tables_read(tmp_path):
+    from test_evaluation_localisation_report import masks_for, run
+    from test_evaluation_runner import tiny_data
+
+    faithfulness = runpy.run_path(str(ROOT / "benchmarks" / "faithfulness.py"))
+    images, labels = tiny_data(4)
+    report = run((images, labels, masks_for(images)), tmp_path / "run")
+    path = tmp_path / "faithfulness.json"
+    faithfulness["update_results"](path, "toy", {"main": faithfulness["run_summary"](report)})
+    faithfulness["update_results"](path, "toy", {"ablation": faithfulness["run_summary"](report)})
+    results = json.loads(path.read_text())
+    assert set(results["models"]["toy"]) == {"main", "ablation"}  # runs are merged
+    main = results["models"]["toy"]["main"]
+    table = tables["render"](main, "faithfulness").splitlines()
+    assert table[0] == (
+        "| method | road2022/morf ↓ | road2022/lerf ↑ | road2022/combined ↑ "
+        "| vilas2023/positive ↓ |"
+    )
+    row = next(r for r in report.rows if r.protocol == "road2022/morf" and r.method == "random")
+    assert f"{row.auc:.3f} [{row.auc_low:.3f}, {row.auc_high:.3f}]" in table[3]
+    assert tables["render"](main, "localisation").splitlines()[0] == (
+        "| method | pointing_game ↑ | relevance_mass ↑ | relevance_rank ↑ | mask_auroc ↑ |"
+    )
+    assert len(tables["render"](main, "localisation-diff").splitlines()) == 3  # random only

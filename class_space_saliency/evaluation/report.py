@@ -171,7 +171,9 @@ def _per_image_values(
                 key: ((np.array(found[lerf][key]) - np.array(found[morf][key])) / 2).tolist()
                 for key in both
             }
-            sections.append(Section(name, True, "mean", None, "(LeRF - MoRF) / 2 per image"))
+            after = max(i for i, sec in enumerate(sections) if sec.name in (lerf, morf))
+            combined = Section(name, True, "mean", None, "(LeRF - MoRF) / 2 per image")
+            sections.insert(after + 1, combined)
     if localised:
         sections += [
             Section(f"{LOCALISATION}/{metric}", True, "mean", None, LOCALISATION_TEXT[metric])
