@@ -246,15 +246,19 @@ def test_summary_statistics_by_hand():
 SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
+import torch
 from conftest import make_model
 from test_evaluation_runner import tiny_data
 from class_space_saliency.evaluation import run_benchmark
 
 
 def main(out_dir):
-    return run_benchmark(make_model("plain"), tiny_data(5), ["class_space"],
-        ["chefer2021/positive", "vilas2023/negative"], (0.5,) * 3, (0.5,) * 3, out_dir,
-        batch_size=2, progress=False, n_boot=50)
+    images, labels = tiny_data(5)
+    masks = torch.zeros(5, 1, 32, 32, dtype=torch.bool)
+    masks[..., 4:20, 8:24] = True
+    return run_benchmark(make_model("plain"), (images, labels, masks), ["class_space"],
+        ["chefer2021/positive", "vilas2023/negative", "road2022/morf"], (0.5,) * 3, (0.5,) * 3,
+        out_dir, batch_size=2, progress=False, n_boot=50)
 
 
 if __name__ == "__main__":
@@ -263,12 +267,19 @@ if __name__ == "__main__":
 
 
 def assert_same_records(first: list[dict], second: list[dict]) -> None:
+    """Equal records; values computed from maps compared to float32 rounding."""
+    numeric = ("auc", "curve", "extra_curves", "localisation")
     assert len(first) == len(second)
     for a, b in zip(first, second, strict=True):
-        assert {k: v for k, v in a.items() if k not in ("auc", "curve")} == {
-            k: v for k, v in b.items() if k not in ("auc", "curve")
+        assert {k: v for k, v in a.items() if k not in numeric} == {
+            k: v for k, v in b.items() if k not in numeric
         }
-        np.testing.assert_allclose(a["curve"] + [a["auc"]], b["curve"] + [b["auc"]], atol=1e-5)
+        assert a.keys() == b.keys()
+        if "curve" in a:
+            np.testing.assert_allclose(a["curve"] + [a["auc"]], b["curve"] + [b["auc"]], atol=1e-5)
+            assert a.get("extra_curves") == b.get("extra_curves")
+        if "localisation" in a:
+            assert a["localisation"] == pytest.approx(b["localisation"], abs=1e-6)
 
 
 def test_torchrun_two_processes_equal_one(tmp_path):
