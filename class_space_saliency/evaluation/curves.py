@@ -1,9 +1,11 @@
 """Perturbation curves and their areas, batched over images and steps.
 
-All ``B * S`` perturbed inputs of a batch (B images, S steps) go through the model in chunks
-of ``max_batch_size``; the perturbed images (or token sequences) of a chunk are built in one
-vectorised operation. Token removal runs each kept length as its own group of shorter
-sequences, packing proportionally more of them into a chunk.
+Ties in a perturbation order are broken by a permutation seeded with the image itself, so
+curves do not depend on batching or sharding. All ``B * S`` perturbed inputs of a batch
+(B images, S steps) go through the model in chunks of ``max_batch_size``; the perturbed
+images (or token sequences) of a chunk are built in one vectorised operation. Token removal
+runs each kept length as its own group of shorter sequences, packing proportionally more of
+them into a chunk. Imputed pixels (ROAD) are solved image by image on the CPU.
 """
 
 from __future__ import annotations
@@ -107,8 +109,8 @@ def perturbation_ranks(values: torch.Tensor, order: str, images: torch.Tensor) -
     """Rank of every unit in the perturbation order (0 = perturbed first).
 
     Ties are broken at random: units are first shuffled by a permutation drawn from a
-    generator seeded with the image's own values (:func:`~class_space_saliency._seeding.
-    image_seed`), then stably sorted by saliency. The order of an image therefore does not
+    generator seeded with the image's own values (``_seeding.image_seed``), then stably
+    sorted by saliency. The order of an image therefore does not
     depend on its batch, its position in it or the sharding of the data set, and a constant
     map gives a uniformly random order.
 
