@@ -1,6 +1,6 @@
 """Faithfulness and localisation benchmark of every method on an embedded model.
 
-Two runs on the same first ``--n`` images of the model's embedded evaluation set, both
+Two runs on the same first ``--num-images`` images of the model's embedded evaluation set, both
 resumable (rerun the same command after an interruption) and shardable under ``torchrun``:
 
 1. ``main``: every registered method and named variant (``method_names()``) x the protocol
@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=MODELS, default="fashion-scenes")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument(
         "--runs", nargs="+", choices=("main", "ablation"), default=["main", "ablation"]
     )
@@ -96,7 +96,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, prep = load_default(args.model)
     model = model.to(device)
-    data = load_default_eval(args.n, dataset=args.model, masks=True, preprocessing=prep)
+    data = load_default_eval(args.num_images, dataset=args.model, masks=True, preprocessing=prep)
     methods = {
         "main": {name: create_method(name, model) for name in method_names()},
         "ablation": {
@@ -116,7 +116,7 @@ def main() -> None:
             args.out / f"faithfulness_{args.model}_{run}",
             max_batch_size=args.max_batch_size,
             batch_size=args.batch_size,
-            n=args.n,
+            n=args.num_images,
             model_name=f"{args.model}/{run}",
         )
         if report is None:  # not rank 0

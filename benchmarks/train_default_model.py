@@ -68,14 +68,28 @@ class DatasetSpec:
     test: Callable[[], tuple[np.ndarray, np.ndarray]]
 
 
-def _fashion(split: str, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    return load_fashion_mnist(split)
+def _fashion(split: str, epoch: int = 0, indices: range | None = None) -> tuple[np.ndarray, ...]:
+    images, labels = load_fashion_mnist(split)
+    return (images, labels) if indices is None else (images[indices], labels[indices])
 
 
-def _scenes(split: str, seed: int = 0, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _scenes(
+    split: str, seed: int = 0, epoch: int = 0, indices: range | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Composites of a split: training ones redrawn per epoch, test ones fixed (seed 0)."""
-    images, _, labels = scenes.generate(split, seed=seed * 1000 + epoch)
+    images, _, labels = scenes.generate(split, indices, seed=seed * 1000 + epoch)
     return images, labels
+
+
+def _submit(pool: ProcessPoolExecutor, spec: DatasetSpec, epoch: int, workers: int) -> list:
+    """Start compositing an epoch's training images in ``workers`` chunks."""
+    chunks = np.array_split(np.arange(60_000), workers)
+    return [pool.submit(spec.train, epoch, range(c[0], c[-1] + 1)) for c in chunks]
+
+
+def _collect(futures: list[Future]) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = [future.result() for future in futures]
+    return tuple(torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in (0, 1))
 
 
 def _spec(name: str, seed: int) -> DatasetSpec:
@@ -92,7 +106,8 @@ def _spec(name: str, seed: int) -> DatasetSpec:
     if name == "fashion-scenes":
         return DatasetSpec(
             img_size=scenes.CANVAS,
-            # measured on 10,000 training composites (every 6th object, seed 0)
+            # fixed constants: statistics of 10,000 composites (every 6th training object,
+            # seed 0) drawn before the training variation of backgrounds was added
             mean=(0.4256, 0.4113, 0.4094),
             std=(0.2239, 0.2155, 0.2166),
             description=(
@@ -144,10 +159,27 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     model.eval()
     correct = 0
     for start in range(0, len(images), 1000):
-        logits = model(to_model_input(images[start : start + 1000], spec))
-        correct += (logits.argmax(-1) == labels[start : start + 1000]).sum().item()
+        device = next(model.parameters()).device
+        logits = model(to_model_input(images[start : start + 1000], spec).to(device))
+        correct += (logits.argmax(-1).cpu() == labels[start : start + 1000]).sum().item()
     model.train()
     return correct / len(images)
+
+
+def transferred_state(config: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Another embedded model's weights, position embedding resampled to ``model``'s grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    source = json.loads(config.read_text())
+    grid = source["kwargs"]["img_size"] // source["kwargs"]["patch_size"]
+    state = load_file(str(config.with_suffix(".safetensors")))
+    state["pos_embed"] = resample_abs_pos_embed(
+        state["pos_embed"],
+        new_size=model.patch_embed.grid_size,
+        old_size=(grid, grid),
+        num_prefix_tokens=model.num_prefix_tokens,
+    )
+    return state
 
 
 def main() -> None:
@@ -164,6 +196,10 @@ def main() -> None:
     parser.add_argument("--shift", type=int, default=2, help="max random translation (px)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes compositing the next epoch's images"
+    )
+    parser.add_argument("--device", default="cpu", help="where to train (recorded)")
     parser.add_argument("--out", type=Path, default=Path("class_space_saliency/assets"))
     parser.add_argument(
         "--init",
@@ -171,6 +207,13 @@ def main() -> None:
         default=None,
         help="continue from a JSON config written by this script (weights next to it); "
         "its recipe, history and time are kept as earlier stages",
+    )
+    parser.add_argument(
+        "--transfer",
+        type=Path,
+        default=None,
+        help="start from the weights of another model's JSON config written by this script "
+        "(e.g. the fashion model), its position embedding resampled to this grid",
     )
     args = parser.parse_args()
 
@@ -189,11 +232,14 @@ def main() -> None:
     if args.init is not None:
         earlier = json.loads(args.init.read_text())
         model.load_state_dict(load_file(str(args.init.with_suffix(".safetensors"))))
+    elif args.transfer is not None:
+        model.load_state_dict(transferred_state(args.transfer, model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     first_epoch = len(earlier["history"])
-    pool = ProcessPoolExecutor(max_workers=1)
-    pending: Future = pool.submit(spec.train, first_epoch)
-    train_x, train_y = (torch.from_numpy(np.ascontiguousarray(a)) for a in pending.result())
+    model.to(args.device)
+    pool = ProcessPoolExecutor(max_workers=args.workers)
+    pending = _submit(pool, spec, first_epoch, args.workers)
+    train_x, train_y = _collect(pending)
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
@@ -210,15 +256,18 @@ def main() -> None:
     for epoch in range(args.epochs):
         global_epoch = first_epoch + epoch
         if epoch > 0:
-            train_x, train_y = (torch.from_numpy(np.ascontiguousarray(a)) for a in pending.result())
+            train_x, train_y = _collect(pending)
         if epoch + 1 < args.epochs:  # composite the next epoch's images while this one trains
-            pending = pool.submit(spec.train, global_epoch + 1)
+            pending = _submit(pool, spec, global_epoch + 1, args.workers)
         order = torch.randperm(len(train_x), generator=generator)
         running = 0.0
         for i in range(steps_per_epoch):
             idx = order[i * args.batch_size : (i + 1) * args.batch_size]
             x = to_model_input(augment(train_x[idx], generator, args.shift), spec)
-            loss = F.cross_entropy(model(x), train_y[idx], label_smoothing=args.label_smoothing)
+            logits = model(x.to(args.device))
+            loss = F.cross_entropy(
+                logits, train_y[idx].to(args.device), label_smoothing=args.label_smoothing
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -238,7 +287,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.eval()
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(args.out / f"{stem}.safetensors"))
     config = dict(
         name=args.dataset,
@@ -262,9 +311,16 @@ def main() -> None:
                 augmentation=spec.augmentation.format(shift=args.shift),
                 seed=args.seed,
                 threads=args.threads,
+                device=args.device,
                 torch=torch.__version__,
                 timm=timm.__version__,
-                init=None if args.init is None else "weights of the previous stage",
+                init=(
+                    "weights of the previous stage"
+                    if args.init is not None
+                    else f"weights of {args.transfer.name} (position embedding resampled)"
+                    if args.transfer is not None
+                    else None
+                ),
             ),
         ],
         training_time_s=round(earlier["training_time_s"] + time.time() - start, 1),

@@ -5,6 +5,7 @@ Example:
     >>> maps = ClassSpaceSaliency(model).attribute(images, target=labels)  # (B, 1, h, w)
 """
 
+from .adapters import UnsupportedModelError
 from .anatomy import ViTAnatomy
 from .methods import (
     AttentionRollout,
@@ -34,6 +35,7 @@ __all__ = [
     "RawAttention",
     "SaliencyMethod",
     "SobelSaliency",
+    "UnsupportedModelError",
     "ViTAnatomy",
     "class_identifiability",
     "token_scores",

@@ -1,10 +1,11 @@
 """ViT anatomy: where a model keeps its blocks, final norm, head(s) and prefix tokens.
 
-:class:`ViTAnatomy` finds these parts on timm ``VisionTransformer`` models (plain, DeiT
-distilled, register tokens, average-pooled with ``fc_norm``, ``dynamic_img_size``) and on
-torchvision's ``VisionTransformer``; custom models name them explicitly.
-:meth:`ViTAnatomy.capture` records token states and attention probabilities in one forward
-pass with hooks that always come off.
+:class:`ViTAnatomy` holds the parts that a family adapter (:mod:`.adapters`) finds: timm
+``VisionTransformer`` (plain, DeiT distilled, register tokens, pooled heads, dynamic size),
+timm BEiT / EVA, torchvision's ``VisionTransformer``, ...; custom models name them
+explicitly. :meth:`ViTAnatomy.capture` is the one place where hooks are registered: it
+records token states and attention probabilities in one forward pass, and the hooks always
+come off.
 """
 
 from __future__ import annotations
@@ -13,35 +14,27 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from .adapters import (
+    NormThenHeads,
+    Readout,
+    TokenPath,
+    UnsupportedModelError,
+    find_adapter,
+    looked_for,
+)
+from .adapters.base import block_branches, pair
+
 COMPONENTS = ("residual", "attention", "mlp")
 """Token states that can be captured per block: block output, attention branch, MLP branch."""
 
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    first, second = value
-    return (int(first), int(second))
-
-
-class _NormThenHeads(nn.Module):
-    """``mean_k head_k(norm(x))``: the class-space projection of any token state."""
-
-    def __init__(self, norm: nn.Module, heads: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.norm = norm
-        self.heads = nn.ModuleList(heads)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        normed = self.norm(tokens)
-        logits = self.heads[0](normed)
-        for head in self.heads[1:]:
-            logits = logits + head(normed)
-        return logits / len(self.heads) if len(self.heads) > 1 else logits
+ATTENTION_KINDS = ("timm", "mha", "hf")
+"""How attention probabilities are read: timm ``attn_drop`` input (fused attention off),
+``nn.MultiheadAttention`` per-head weights, Hugging Face eager attention's second output."""
 
 
 @dataclass
@@ -83,6 +76,20 @@ class ViTAnatomy:
         mlp_branches: Per block, the module whose output is the MLP branch before the add.
         attention_modules: Per block, the attention module whose probabilities
             :meth:`capture` records; ``None`` where unsupported.
+        readout: The token rows the head reads (default: token 0 for models with prefix
+            tokens, else the mean of all tokens).
+        layer_scales: ``{"attention": [...], "mlp": [...]}`` per-block tensors that multiply
+            the branch module's output (BEiT/EVA ``gamma_1``/``gamma_2``); ``None`` entries
+            where the branch module applies its own scale.
+        attention_kind: How :meth:`capture` reads attention probabilities (see
+            :data:`ATTENTION_KINDS`).
+        attention_reason: Why attention cannot be read, where ``attention_modules`` is None.
+        pre_attention_norms: Per block, the norm before attention (Grad-CAM's layer).
+        token_path: How tokens are embedded and classified (token removal), or why not.
+        output_logits: Maps the model's output to logits (B, C), e.g. Hugging Face outputs.
+        family: The adapter that found the parts (``"custom"`` for hand-made anatomies).
+        channels_last: Blocks output channels-last grids (B, h, w, D) instead of token
+            sequences (B, N, D) (timm Swin); captured states are flattened to (B, h*w, D).
     """
 
     model: nn.Module
@@ -97,10 +104,26 @@ class ViTAnatomy:
     attention_branches: list[nn.Module] | None = None
     mlp_branches: list[nn.Module] | None = None
     attention_modules: list[nn.Module] | None = None
+    readout: Readout | None = None
+    layer_scales: dict[str, list[torch.Tensor | None]] | None = None
+    attention_kind: str = "timm"
+    attention_reason: str | None = None
+    pre_attention_norms: list[nn.Module | None] | None = None
+    token_path: TokenPath | str | None = None
+    output_logits: Callable[[Any], torch.Tensor] | None = field(default=None, repr=False)
+    family: str = "custom"
+    channels_last: bool = False
     projection: nn.Module = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.projection = _NormThenHeads(self.norm, self.heads)
+        self.projection = NormThenHeads(self.norm, self.heads)
+        if self.readout is None:
+            prefix = self.num_prefix_tokens
+            self.readout = Readout(cls_rows=(0,)) if prefix else Readout(pool_start=0)
+        if self.attention_kind not in ATTENTION_KINDS:
+            raise ValueError(
+                f"attention_kind must be one of {ATTENTION_KINDS}, got {self.attention_kind!r}"
+            )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -118,8 +141,8 @@ class ViTAnatomy:
         """Find the anatomy of ``model``; keyword arguments override what is found.
 
         Args:
-            model: A timm or torchvision ``VisionTransformer``, or any ViT-like model
-                whose parts are given with the overrides.
+            model: A model of a supported family (see :mod:`.adapters`), or any ViT-like
+                model whose parts are given with the overrides.
             blocks: The transformer blocks, in order.
             norm: The module applied to tokens before the head.
             head: The classifier head, or several heads to average.
@@ -131,8 +154,8 @@ class ViTAnatomy:
             The anatomy.
 
         Raises:
-            TypeError: If the model is not a supported ViT and the overrides do not
-                describe it.
+            UnsupportedModelError: (a ``TypeError``) If no adapter supports the model and
+                the overrides do not describe it.
 
         Example:
             >>> import timm
@@ -143,31 +166,30 @@ class ViTAnatomy:
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        found = _find_timm(model) or _find_torchvision(model) or {}
+        adapter = find_adapter(model)
+        found = adapter.parts(model) if adapter is not None else {}
         overrides = dict(
             blocks=list(blocks) if blocks is not None else None,
             norm=norm,
             heads=None if head is None else _as_heads(head),
             num_prefix_tokens=num_prefix_tokens,
-            patch_size=None if patch_size is None else _pair(patch_size),
-            img_size=None if img_size is None else _pair(img_size),
+            patch_size=None if patch_size is None else pair(patch_size),
+            img_size=None if img_size is None else pair(img_size),
         )
         parts = {**found, **{k: v for k, v in overrides.items() if v is not None}}
         missing = [k for k in ("blocks", "norm", "heads", "num_prefix_tokens", "patch_size")]
         missing = [k for k in missing if parts.get(k) is None]
         if missing:
-            raise TypeError(
-                f"cannot find the ViT anatomy of {type(model).__name__}: looked for a timm "
-                "VisionTransformer (blocks, norm/fc_norm, head, num_prefix_tokens, "
-                "patch_embed) or a torchvision VisionTransformer (encoder.layers, encoder.ln, "
-                f"heads); missing {missing}. Pass them explicitly, e.g. "
+            raise UnsupportedModelError(
+                f"cannot find the ViT anatomy of {type(model).__name__}: looked for "
+                f"{looked_for()}; missing {missing}. Pass them explicitly, e.g. "
                 "ClassSpaceSaliency(model, blocks=..., norm=..., head=..., "
                 "num_prefix_tokens=..., patch_size=...)"
             )
         if blocks is not None:  # custom blocks: find branches by timm naming where possible
-            parts.update(_timm_block_parts(parts["blocks"]))
+            parts.update(_custom_block_parts(parts["blocks"]))
         if len(parts["blocks"]) == 0:
-            raise TypeError(f"{type(model).__name__} has no transformer blocks")
+            raise UnsupportedModelError(f"{type(model).__name__} has no transformer blocks")
         return cls(model=model, **parts)
 
     # ------------------------------------------------------------------ geometry
@@ -183,19 +205,7 @@ class ViTAnatomy:
             ValueError: If the model has a fixed input size and ``input_size`` differs, or
                 the size is smaller than one patch.
         """
-        height, width = int(input_size[-2]), int(input_size[-1])
-        ph, pw = self.patch_size
-        if self.img_size is not None and (height, width) != self.img_size:
-            raise ValueError(
-                f"inputs must have spatial size {self.img_size} for this fixed-size model "
-                f"(patch {self.patch_size}), got {(height, width)}; resize the images or build "
-                "a timm model with dynamic_img_size=True"
-            )
-        if height < ph or width < pw:
-            raise ValueError(f"inputs of size {(height, width)} are smaller than one patch")
-        if self.dynamic_pad:
-            return (math.ceil(height / ph), math.ceil(width / pw))
-        return (height // ph, width // pw)
+        return patch_grid(input_size, self.patch_size, self.img_size, self.dynamic_pad)
 
     def resolve_layers(self, layer: int | Sequence[int] | str) -> list[int]:
         """Normalise a layer spec (int, list of ints, or ``"all"``) to block indices.
@@ -260,6 +270,23 @@ class ViTAnatomy:
             probe = next(self.model.parameters()).new_zeros(1, width)
             return self.project(probe).shape[-1]
 
+    def logits(self, output: Any) -> torch.Tensor:
+        """The logits (B, C) in the model's output (Hugging Face outputs: ``.logits``)."""
+        return output if self.output_logits is None else self.output_logits(output)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Run the model and return its logits (B, C)."""
+        return self.logits(self.model(inputs))
+
+    def read_rows(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The rows of a token-to-token matrix (B, N, N) that the head reads, at image columns.
+
+        Returns:
+            (B, N - num_prefix_tokens): the mean of the read rows (see :class:`Readout`);
+            prefix columns ([CLS], distillation, registers) are dropped.
+        """
+        return self.readout.select(matrix)[:, self.num_prefix_tokens :]
+
     # ------------------------------------------------------------------ hooks
     def branch_module(self, component: str, block: int) -> nn.Module:
         """The module whose output is ``component`` of ``block``.
@@ -274,9 +301,12 @@ class ViTAnatomy:
             raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
         modules = table[component]
         if modules is None or modules[block] is None:
+            reason = "its blocks have no recognised attention/MLP branch modules"
+            if component == "attention" and self.attention_reason:
+                reason = self.attention_reason
             raise ValueError(
                 f"component {component!r} is not available for {type(self.model).__name__}: "
-                "its blocks have no recognised attention/MLP branch modules"
+                f"{reason}"
             )
         return modules[block]
 
@@ -289,9 +319,10 @@ class ViTAnatomy:
     ) -> Iterator[Capture]:
         """Record token states and attention probabilities during the next forward pass.
 
-        Inside the context the model is in eval mode and timm's fused attention is off
-        (where attention is captured); on exit (also on an exception) every hook is
-        removed and every ``training`` and ``fused_attn`` flag is restored.
+        Inside the context the model is in eval mode and fused attention is off (timm
+        ``fused_attn``, Hugging Face ``config._attn_implementation``) where attention is
+        captured; on exit (also on an exception) every hook is removed and every
+        ``training`` and attention flag is restored.
 
         Args:
             components: ``(component, block)`` pairs to record.
@@ -312,34 +343,72 @@ class ViTAnatomy:
         # Only modules in training mode are switched and restored: setting the flag on every
         # module of a model in eval mode would cost more than a small model's forward pass.
         training = [module for module in self.model.modules() if module.training]
-        fused = {}
+        switched: list[tuple[Any, str, Any]] = []
         try:
             for component, block in components:
                 block = self.resolve_layers(block)[0]
+                scales = (self.layer_scales or {}).get(component)
+                scale = None if scales is None else scales[block]
                 handles.append(
                     self.branch_module(component, block).register_forward_hook(
-                        _token_hook(result, component, block, reduce)
+                        _token_hook(result, component, block, reduce, scale)
                     )
                 )
             if attention:
                 if self.attention_modules is None:
                     raise ValueError(
                         f"attention probabilities cannot be captured for "
-                        f"{type(self.model).__name__}: no supported attention modules found"
+                        f"{type(self.model).__name__}: "
+                        f"{self.attention_reason or 'no supported attention modules found'}"
                     )
                 for block in self.resolve_layers(list(attention)):
                     module = self.attention_modules[block]
-                    handles.extend(_attention_hooks(module, block, result, fused))
+                    handles.extend(
+                        _attention_hooks(self.attention_kind, module, block, result, switched)
+                    )
             if training:
                 self.model.eval()
             yield result
         finally:
             for handle in handles:
                 handle.remove()
-            for module, flag in fused.items():
-                module.fused_attn = flag
+            for owner, name, flag in reversed(switched):
+                setattr(owner, name, flag)
             for module in training:
                 module.training = True
+
+
+def patch_grid(
+    input_size: Sequence[int],
+    patch_size: tuple[int, int],
+    img_size: tuple[int, int] | None = None,
+    dynamic_pad: bool = False,
+) -> tuple[int, int]:
+    """Patch grid (h, w) of an input of spatial size (..., H, W).
+
+    Args:
+        input_size: The input's shape or spatial size; the last two entries are (H, W).
+        patch_size: (ph, pw) in pixels.
+        img_size: The fixed input size of the model, or ``None`` for any size.
+        dynamic_pad: Whether the model pads inputs up to a multiple of the patch.
+
+    Raises:
+        ValueError: If the model has a fixed input size and ``input_size`` differs, or
+            the size is smaller than one patch.
+    """
+    height, width = int(input_size[-2]), int(input_size[-1])
+    ph, pw = patch_size
+    if img_size is not None and (height, width) != img_size:
+        raise ValueError(
+            f"inputs must have spatial size {img_size} for this fixed-size model "
+            f"(patch {patch_size}), got {(height, width)}; resize the images or build "
+            "a timm model with dynamic_img_size=True"
+        )
+    if height < ph or width < pw:
+        raise ValueError(f"inputs of size {(height, width)} are smaller than one patch")
+    if dynamic_pad:
+        return (math.ceil(height / ph), math.ceil(width / pw))
+    return (height // ph, width // pw)
 
 
 # ---------------------------------------------------------------------------- hook helpers
@@ -348,9 +417,14 @@ def _token_hook(
     component: str,
     block: int,
     reduce: Callable[[str, int, torch.Tensor], torch.Tensor] | None,
+    scale: torch.Tensor | None,
 ) -> Callable:
     def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
         tokens = output[0] if isinstance(output, tuple) else output
+        if tokens.dim() == 4:  # channels-last grids (timm Swin) -> (B, h*w, C)
+            tokens = tokens.flatten(1, 2)
+        if scale is not None:
+            tokens = tokens * scale
         result.tokens[(component, block)] = (
             tokens if reduce is None else reduce(component, block, tokens)
         )
@@ -359,101 +433,60 @@ def _token_hook(
 
 
 def _attention_hooks(
-    module: nn.Module, block: int, result: Capture, fused: dict[nn.Module, bool]
+    kind: str, module: nn.Module, block: int, result: Capture, switched: list
 ) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hooks that record (B, heads, N, N) probabilities of one attention module."""
+    """Hooks that record (B, heads, N, N) probabilities of one attention module.
+
+    ``switched`` collects ``(owner, attribute, old value)`` of the flags changed here
+    (timm ``fused_attn``, Hugging Face ``config._attn_implementation``), restored in
+    reverse order by :meth:`ViTAnatomy.capture`.
+    """
 
     def store(tensor: torch.Tensor) -> None:
         result.attention[block] = tensor
 
-    if isinstance(module, nn.MultiheadAttention):  # torchvision: ask MHA for per-head weights
+    if kind == "mha":  # torchvision: ask MHA for per-head weights
 
         def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
 
-        def post_hook(mod: nn.Module, args: tuple, output: tuple) -> None:
-            store(output[1])
-
         return [
             module.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            module.register_forward_hook(post_hook),
+            module.register_forward_hook(lambda mod, args, output: store(output[1])),
         ]
+    if kind == "hf":  # eager attention returns (output, probabilities)
+        config = module.config
+        switched.append((config, "_attn_implementation", config._attn_implementation))
+        config._attn_implementation = "eager"
+
+        def post_hook(mod: nn.Module, args: tuple, output: tuple) -> None:
+            if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+                raise UnsupportedModelError(
+                    f"{type(mod).__name__} returned no attention probabilities even with "
+                    "eager attention"
+                )
+            store(output[1])
+
+        return [module.register_forward_hook(post_hook)]
     # timm Attention: post-softmax probabilities pass through attn_drop (identity in eval)
     if hasattr(module, "fused_attn"):
-        fused[module] = module.fused_attn
+        switched.append((module, "fused_attn", module.fused_attn))
         module.fused_attn = False
     return [module.attn_drop.register_forward_hook(lambda mod, args, output: store(output))]
 
 
-# ---------------------------------------------------------------------------- model families
+# ---------------------------------------------------------------------------- custom models
 def _as_heads(head: nn.Module | Sequence[nn.Module]) -> tuple[nn.Module, ...]:
     return (head,) if isinstance(head, nn.Module) else tuple(head)
 
 
-def _timm_block_parts(blocks: Sequence[nn.Module]) -> dict:
-    """Attention/MLP branch and attention modules of timm-style blocks (None where absent)."""
-
-    def branch(block: nn.Module, scale: str, core: str) -> nn.Module | None:
-        if hasattr(block, scale):
-            return getattr(block, scale)
-        return getattr(block, core, None)
-
+def _custom_block_parts(blocks: Sequence[nn.Module]) -> dict:
+    """Branches, layer scales and attention modules of timm-style custom blocks."""
     attention_modules = [getattr(b, "attn", None) for b in blocks]
     usable = all(m is not None and hasattr(m, "attn_drop") for m in attention_modules)
     return dict(
-        attention_branches=[branch(b, "ls1", "attn") for b in blocks],
-        mlp_branches=[branch(b, "ls2", "mlp") for b in blocks],
         attention_modules=attention_modules if usable else None,
-    )
-
-
-def _find_timm(model: nn.Module) -> dict | None:
-    needed = ("blocks", "norm", "head", "patch_embed", "num_prefix_tokens")
-    if not all(hasattr(model, name) for name in needed):
-        return None
-    if getattr(model, "attn_pool", None) is not None:
-        raise TypeError(
-            f"{type(model).__name__} pools tokens with an attention head (global_pool='map'); "
-            "class-space projection needs a linear head on token states"
-        )
-    heads = [model.head]
-    if hasattr(model, "head_dist"):
-        heads.append(model.head_dist)
-    if any(isinstance(h, nn.Identity) for h in heads):
-        raise TypeError(f"{type(model).__name__} has no classifier head (num_classes=0)")
-    patch_embed = model.patch_embed
-    dynamic = bool(getattr(model, "dynamic_img_size", False))
-    fc_norm = getattr(model, "fc_norm", nn.Identity())
-    blocks = list(model.blocks)
-    return dict(
-        blocks=blocks,
-        norm=nn.Sequential(model.norm, fc_norm),
-        heads=tuple(heads),
-        num_prefix_tokens=int(model.num_prefix_tokens),
-        patch_size=_pair(patch_embed.patch_size),
-        img_size=None if dynamic else _pair(patch_embed.img_size),
-        dynamic_pad=bool(getattr(patch_embed, "dynamic_img_pad", False)),
-        in_chans=getattr(getattr(patch_embed, "proj", None), "in_channels", None),
-        **_timm_block_parts(blocks),
-    )
-
-
-def _find_torchvision(model: nn.Module) -> dict | None:
-    encoder = getattr(model, "encoder", None)
-    if encoder is None or not all(hasattr(encoder, n) for n in ("layers", "ln")):
-        return None
-    if not hasattr(model, "heads") or not hasattr(model, "patch_size"):
-        return None
-    blocks = list(encoder.layers)
-    return dict(
-        blocks=blocks,
-        norm=encoder.ln,
-        heads=(model.heads,),
-        num_prefix_tokens=1,
-        patch_size=_pair(model.patch_size),
-        img_size=_pair(model.image_size),
-        in_chans=model.conv_proj.in_channels,
-        attention_branches=[b.self_attention for b in blocks],
-        mlp_branches=[b.mlp for b in blocks],
-        attention_modules=[b.self_attention for b in blocks],
+        attention_kind="timm",
+        pre_attention_norms=[getattr(b, "norm1", None) for b in blocks],
+        **block_branches(blocks, "attn", "mlp"),
     )

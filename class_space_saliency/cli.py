@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,19 +42,19 @@ def _compute_maps(model, methods: Sequence[str], inputs, target, layer) -> dict:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Per-layer overlays, method comparison and identifiability on the embedded model."""
+    """Per-layer overlays, method comparison and identifiability on an embedded model."""
     from . import ClassSpaceSaliency, class_identifiability
     from .data import load_default_eval, load_default_eval_uint8, one_per_class
     from .methods import METHODS
-    from .models import load_default
+    from .models import EMBEDDED_MODELS, load_default
     from .visualize import plot_identifiability, saliency_grid, save_figure
 
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, prep = load_default()
-    inputs, labels = load_default_eval(preprocessing=prep)
-    raw, _ = load_default_eval_uint8()
+    model, prep = load_default(args.model)
+    inputs, labels = load_default_eval(dataset=args.model, preprocessing=prep)
+    raw, _ = load_default_eval_uint8(dataset=args.model)
     rows = one_per_class(labels, len(prep.class_names))
     x, y = inputs[rows], labels[rows]
     with torch.no_grad():
@@ -77,7 +79,8 @@ def demo(args: argparse.Namespace) -> int:
     with torch.no_grad():
         accuracy = float((model(inputs).argmax(-1) == labels).float().mean())
     summary = dict(
-        model="embedded Fashion-MNIST ViT (class_space_saliency/assets/default_vit.json)",
+        model=f"embedded {args.model} ViT (class_space_saliency/assets/"
+        f"{EMBEDDED_MODELS[args.model].name})",
         eval_images=len(labels),
         eval_accuracy=round(accuracy, 4),
         examples=[
@@ -101,51 +104,167 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def attribute(args: argparse.Namespace) -> int:
-    """Overlays for the user's own images; bad files are reported and skipped."""
-    from .data import load_image
-    from .models import load_model
-    from .visualize import image_to_uint8, overlay
+def _error(message: object) -> int:
+    """Print a one-line user error and return exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
-    try:
-        model, prep = load_model(args.model, weights=args.weights)
-        target = None if args.target is None else prep.class_index(args.target)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+def _layer_methods() -> list[str]:
+    """Registered methods whose constructor takes ``layer``."""
+    import inspect
+
+    from .methods import METHODS
+
+    return [n for n, c in METHODS.items() if "layer" in inspect.signature(c.__init__).parameters]
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """Unique output names for input files: their paths relative to the inputs' common
+    folder, with ``/`` as ``__`` (``a/cat.jpg`` -> ``a__cat``); the suffix is kept where
+    two inputs differ only by it, and a file given twice is numbered.
+
+    Example:
+        >>> output_stems([Path("x/a/cat.jpg"), Path("x/b/cat.jpg")])
+        ['a__cat', 'b__cat']
+    """
+    resolved = [Path(p).resolve() for p in paths]
+    if not resolved:
+        return []
+    root = Path(os.path.commonpath([p.parent for p in resolved]))
+    relative = [p.relative_to(root) for p in resolved]
+    stems = ["__".join(r.with_suffix("").parts) for r in relative]
+    counts = Counter(stem for stem, _ in set(zip(stems, relative, strict=True)))
+    stems = [
+        "__".join(r.parts).replace(".", "_") if counts[stem] > 1 else stem
+        for stem, r in zip(stems, relative, strict=True)
+    ]
+    seen: Counter = Counter()
+    unique = []
+    for stem in stems:
+        seen[stem] += 1
+        unique.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return unique
+
+
+def _looks_unlike_embedded_data(image, input_size: Sequence[int], grey: bool) -> bool:
+    """Whether a photo is unlike an embedded model's small clothing images.
+
+    Any photo more than 4x the model's input size is; for the grey ``fashion`` model, so is
+    a colourful one.
+    """
+    import numpy as np
+
+    if min(image.size) > 4 * max(input_size[-2:]):
+        return True
+    array = np.asarray(image, dtype=np.float32)
+    colour = float(
+        np.abs(array[..., 0] - array[..., 1]).mean() + np.abs(array[..., 1] - array[..., 2]).mean()
+    )
+    return grey and colour > 20
+
+
+def attribute(args: argparse.Namespace) -> int:
+    """Overlays (and raw maps) for the user's own images; bad files are reported and skipped."""
+    import numpy as np
+    from PIL import Image
+
+    from .data import expand_image_paths, load_image
+    from .methods import create_method
+    from .models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model
+    from .visualize import display_range, image_to_uint8, overlay, with_colorbar
+
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return _error(f"--out {out} is an existing file; give a folder")
+    without_layer = [m for m in args.methods if m not in _layer_methods()]
+    if args.layer is not None and without_layer:
+        return _error(
+            f"--layer does not apply to {', '.join(without_layer)} "
+            f"(it applies to {', '.join(_layer_methods())})"
+        )
+    try:
+        model, prep = load_model(args.model, weights=args.weights, class_names=args.class_names)
+        target = None if args.target is None else prep.class_index(args.target)
+        paths = expand_image_paths(args.images)
+        options = {} if args.layer is None else {"layer": args.layer}
+        explainers = {name: create_method(name, model, **options) for name in args.methods}
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as error:
+        return _error(error)
     out.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    for path in tqdm(args.images, desc="images", disable=len(args.images) < 2):
+    failures, records, warned = 0, [], False
+    embedded = DEFAULT_MODEL if args.model == "default" else args.model
+    embedded = embedded if embedded in EMBEDDED_MODELS else None
+    for path, stem in tqdm(
+        list(zip(paths, output_stems(paths), strict=True)), desc="images", disable=len(paths) < 2
+    ):
         try:
             image = load_image(path)
         except (FileNotFoundError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             failures += 1
             continue
+        if max(image.size) > args.max_size:
+            image.thumbnail((args.max_size, args.max_size), Image.LANCZOS)
+        if (
+            embedded is not None
+            and not warned
+            and _looks_unlike_embedded_data(image, prep.input_size, embedded == "fashion")
+        ):
+            print(
+                f"warning: the embedded model {embedded!r} is a 10-class Fashion-MNIST ViT "
+                f"({prep.input_size[-1]}x{prep.input_size[-2]} clothing images); on other photos "
+                "its predictions mean little. Use --model TIMM_NAME --weights FILE for your own "
+                "model.",
+                file=sys.stderr,
+            )
+            warned = True
         x = prep(image).unsqueeze(0)
         with torch.no_grad():
             probs = model(x).softmax(-1)[0]
         predicted = int(probs.argmax())
         chosen = predicted if target is None else target
         try:
-            maps = _compute_maps(model, args.method, x, chosen, args.layer)
+            maps = {
+                name: explainer.attribute(x, target=chosen, upsample=True)[0, 0]
+                for name, explainer in explainers.items()
+            }
         except (ValueError, TypeError) as error:
             print(f"error: {path}: {error}", file=sys.stderr)
             failures += 1
             continue
-        # Whole-image resize keeps the geometry of the file; cropping transforms don't.
-        background = image if prep.transform is None else prep.denormalize(x[0]).clamp(0, 1)
-        written = []
+        box = prep.crop_box(*image.size)
+        written, scaling = [], {}
         for name, saliency in maps.items():
-            target_file = out / f"{Path(path).stem}_{name}.png"
-            rgb = overlay(image_to_uint8(_as_array(background)), saliency[0], args.colormap)
-            _write_png(target_file, rgb)
-            written.append(target_file.name)
+            rgb = overlay(image_to_uint8(_as_array(image)), saliency, args.colormap, box=box)
+            _write_png(out / f"{stem}_{name}.png", with_colorbar(rgb, saliency, args.colormap))
+            written.append(f"{stem}_{name}.png")
+            scaling[name] = display_range(saliency)[2]
+            if args.save_maps:
+                np.save(out / f"{stem}_{name}.npy", saliency.cpu().numpy().astype(np.float32))
+        top = probs.topk(min(5, probs.numel()))
+        records.append(
+            dict(
+                image=str(path),
+                name=stem,
+                top5=[
+                    dict(index=int(i), name=prep.class_name(int(i)), probability=round(float(p), 6))
+                    for p, i in zip(top.values, top.indices, strict=True)
+                ],
+                target=dict(index=chosen, name=prep.class_name(chosen)),
+                methods=list(maps),
+                layer=args.layer,
+                maps={name: f"{stem}_{name}.npy" for name in maps} if args.save_maps else None,
+                overlay_scaling=scaling,
+            )
+        )
         print(
             f"{path}: predicted {prep.class_name(predicted)} ({probs[predicted]:.2f}), "
             f"target {prep.class_name(chosen)} -> {', '.join(written)}"
         )
+    if args.save_maps:
+        (out / "predictions.json").write_text(json.dumps(records, indent=2) + "\n")
+        print(f"wrote {len(records)} predictions and raw maps (.npy) to {out}")
     return 1 if failures else 0
 
 
@@ -157,8 +276,8 @@ def sanity(args: argparse.Namespace) -> int:
     from .visualize import save_figure
 
     try:
-        model, prep = load_default()
-        inputs, labels = load_default_eval(args.n, preprocessing=prep)
+        model, prep = load_default(args.model)
+        inputs, labels = load_default_eval(args.num_images, dataset=args.model, preprocessing=prep)
         result = cascading_randomization(
             model, inputs, labels, args.methods, seed=args.seed, progress=True
         )
@@ -187,6 +306,26 @@ def _write_png(path: Path, rgb) -> None:
     Image.fromarray(rgb).save(path)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` with defaults and examples kept as written."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _colormaps() -> list[str]:
+    import cv2
+
+    return sorted(name[9:].lower() for name in dir(cv2) if name.startswith("COLORMAP_"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``class-space-saliency``."""
     from .methods import METHODS
@@ -197,8 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo_parser = commands.add_parser("demo", help="figures and summary on the embedded model")
+    from .models import DEFAULT_MODEL, EMBEDDED_MODELS
+
+    demo_parser = commands.add_parser("demo", help="figures and summary on an embedded model")
     demo_parser.add_argument("--out", default="demo_out", help="output folder")
+    demo_parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        choices=list(EMBEDDED_MODELS),
+        help="embedded model: fashion-scenes (natural backgrounds, the default) or fashion "
+        "(black backgrounds: shows class space's failure mode on content-free regions)",
+    )
     demo_parser.add_argument(
         "--methods",
         nargs="+",
@@ -208,27 +356,73 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_parser.set_defaults(func=demo)
 
-    attr = commands.add_parser("attribute", help="saliency overlays for your own images")
-    attr.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    attr = commands.add_parser(
+        "attribute",
+        help="saliency overlays (and raw maps) for your own images",
+        formatter_class=HelpFormatter,
+        description=(
+            "Overlays of saliency maps on your images: the whole photo, with the map on the "
+            "region the model saw (centre crop of timm models) and a colour bar. Layers are "
+            "numbered from 0 (first block); negative numbers count from the last block."
+        ),
+        epilog=(
+            "example:\n  class-space-saliency attribute photos/ --model vit_small_patch16_224 "
+            "--weights pets.pth --class-names pets.txt --target tabby --methods class_space "
+            "chefer --save-maps --out maps/"
+        ),
+    )
+    attr.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...) and/or folders")
     attr.add_argument("--model", default="default", help="'default', a timm name or a .json")
-    attr.add_argument("--weights", default=None, help="local weights for a timm model")
-    attr.add_argument("--target", default=None, help="class index or name (default: predicted)")
-    attr.add_argument("--layer", type=_layer_spec, default=None, help="block(s) or 'all'")
+    attr.add_argument("--weights", default=None, help="local weights (state dict) for a timm model")
     attr.add_argument(
-        "--method",
+        "--class-names",
+        default=None,
+        metavar="FILE",
+        help="text file with one class name per line (own checkpoints)",
+    )
+    attr.add_argument(
+        "--target",
+        default=None,
+        help="class index or name, any synonym, case-insensitive (default: predicted class)",
+    )
+    attr.add_argument(
+        "--layer",
+        type=_layer_spec,
+        default=None,
+        help="block(s) from 0, e.g. -1, 0,2,5 or all (methods with layers only; "
+        "default: each method's own)",
+    )
+    attr.add_argument(
+        "--methods",
         nargs="+",
         default=["class_space"],
         choices=sorted(METHODS),
-        help="one or more methods",
+        metavar="METHOD",
+        help=f"one or more of {', '.join(sorted(METHODS))}",
     )
-    attr.add_argument("--colormap", default="jet", help="OpenCV colormap name")
+    attr.add_argument("--colormap", default="jet", choices=_colormaps(), metavar="NAME",
+                      help="OpenCV colormap: " + ", ".join(_colormaps()))  # fmt: skip
     attr.add_argument("--out", default="saliency_out", help="output folder")
+    attr.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="also write each raw map (.npy, float32, model-input size) and predictions.json",
+    )
+    attr.add_argument(
+        "--max-size",
+        type=_positive_int,
+        default=1024,
+        help="downscale larger images to this longest side (pixels) for the output",
+    )
     attr.set_defaults(func=attribute)
 
     from .sanity import DEFAULT_METHODS as SANITY_METHODS
 
     check = commands.add_parser(
-        "sanity", help="cascading randomisation sanity check (Adebayo et al. 2018)"
+        "sanity",
+        help="cascading randomisation sanity check (Adebayo et al. 2018)",
+        formatter_class=HelpFormatter,
+        epilog="example:\n  class-space-saliency sanity --num-images 100 --methods class_space",
     )
     check.add_argument(
         "--methods",
@@ -237,7 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(METHODS),
         help="methods to check",
     )
-    check.add_argument("--n", type=int, default=100, help="the first N evaluation images")
+    check.add_argument("--num-images", type=int, default=100, help="the first N evaluation images")
+    check.add_argument(
+        "--model", default=DEFAULT_MODEL, choices=list(EMBEDDED_MODELS), help="embedded model"
+    )
     check.add_argument("--seed", type=int, default=0, help="seed of the re-initialisation")
     check.add_argument("--out", default="sanity_out", help="output folder")
     check.set_defaults(func=sanity)
@@ -251,7 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,58 +1,93 @@
-"""Data: the embedded Fashion-MNIST evaluation subset and image files."""
+"""Data: the embedded evaluation sets (fashion-scenes, fashion) and image files."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .models import ASSETS, Preprocessing
+from .models import ASSETS, DEFAULT_MODEL, Preprocessing, embedded_preprocessing
 
-EVAL_SUBSET = ASSETS / "fashion_mnist_eval1000.npz"
-
-
-def load_default_eval_uint8(n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``n`` (default all 1,000) Fashion-MNIST test images as uint8 (n, 28, 28)."""
-    with np.load(EVAL_SUBSET) as archive:
-        images, labels = archive["images"], archive["labels"].astype(np.int64)
-    if n is not None:
-        if not isinstance(n, int) or not 1 <= n <= len(images):
-            raise ValueError(f"n must be an int in 1..{len(images)} or None, got {n!r}")
-        images, labels = images[:n], labels[:n]
-    return images, labels
+#: The embedded evaluation sets: the first 1,000 test images of each, with labels (and masks).
+EVAL_SETS = {
+    "fashion-scenes": ASSETS / "fashion_scenes_eval1000.npz",
+    "fashion": ASSETS / "fashion_mnist_eval1000.npz",
+}
 
 
-def load_default_eval(
-    n: int | None = None, preprocessing: Preprocessing | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The embedded evaluation subset, ready for the default model.
+def load_default_eval_uint8(
+    n: int | None = None, dataset: str = DEFAULT_MODEL, masks: bool = False
+) -> tuple[np.ndarray, ...]:
+    """The first ``n`` (default all 1,000) images of an embedded evaluation set, as uint8.
 
     Args:
         n: How many images (the first ``n`` of the 1,000); ``None`` for all.
-        preprocessing: Normalisation to apply; defaults to the embedded model's.
+        dataset: ``"fashion-scenes"`` (32x32 composites on held-out photos) or ``"fashion"``
+            (28x28 Fashion-MNIST test images, grey replicated to RGB).
+        masks: Also return the object masks: the composite's object pixels for
+            fashion-scenes, the non-black pixels for fashion.
 
     Returns:
-        ``(images (n, 3, 28, 28) float, normalised; labels (n,) int64)``.
+        ``(images uint8 (n, H, W, 3), labels int64 (n,))``, and bool masks (n, 1, H, W) with
+        ``masks=True``.
+
+    Example:
+        >>> images, labels, masks = load_default_eval_uint8(4, masks=True)
+        >>> images.shape, masks.shape
+        ((4, 32, 32, 3), (4, 1, 32, 32))
+    """
+    if dataset not in EVAL_SETS:
+        raise ValueError(f"dataset must be one of {list(EVAL_SETS)}, got {dataset!r}")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1000):
+        raise ValueError(f"n must be an int in 1..1000 or None, got {n!r}")
+    with np.load(EVAL_SETS[dataset]) as archive:
+        images = archive["images"][:n]
+        labels = archive["labels"][:n].astype(np.int64)
+        if "masks" in archive:
+            shape = (len(images), 1, *images.shape[1:3])
+            object_masks = np.unpackbits(archive["masks"][:n], axis=-1, count=shape[-1])
+            object_masks = object_masks.astype(bool).reshape(shape)
+        else:
+            object_masks = (images > 0)[:, None]
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=-1)
+    return (images, labels, object_masks) if masks else (images, labels)
+
+
+def load_default_eval(
+    n: int | None = None,
+    dataset: str = DEFAULT_MODEL,
+    masks: bool = False,
+    preprocessing: Preprocessing | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """An embedded evaluation set, ready for the embedded model of the same name.
+
+    Args:
+        n: How many images (the first ``n`` of the 1,000); ``None`` for all.
+        dataset: ``"fashion-scenes"`` (default) or ``"fashion"``.
+        masks: Also return the bool object masks at input resolution.
+        preprocessing: Normalisation to apply; defaults to that of the embedded model
+            ``dataset``.
+
+    Returns:
+        ``(images (n, 3, H, W) float, normalised; labels (n,) int64)``, and masks
+        ``(n, 1, H, W)`` bool with ``masks=True``.
 
     Example:
         >>> images, labels = load_default_eval(8)
         >>> images.shape
-        torch.Size([8, 3, 28, 28])
+        torch.Size([8, 3, 32, 32])
     """
+    raw, labels, object_masks = load_default_eval_uint8(n, dataset, masks=True)
     if preprocessing is None:
-        import json
-
-        from .models import DEFAULT_CONFIG
-
-        config = json.loads(DEFAULT_CONFIG.read_text())
-        preprocessing = Preprocessing(
-            tuple(config["mean"]), tuple(config["std"]), tuple(config["input_size"])
-        )
-    images, labels = load_default_eval_uint8(n)
-    pixels = torch.from_numpy(images).float().div(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
-    return preprocessing.normalize(pixels), torch.from_numpy(labels)
+        preprocessing = embedded_preprocessing(dataset)
+    pixels = torch.from_numpy(raw).permute(0, 3, 1, 2).float().div(255.0)
+    images = preprocessing.normalize(pixels)
+    labels = torch.from_numpy(labels)
+    return (images, labels, torch.from_numpy(object_masks)) if masks else (images, labels)
 
 
 def one_per_class(labels: torch.Tensor | np.ndarray, num_classes: int) -> list[int]:
@@ -75,5 +110,37 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read {path} as an image: {error}") from error
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+"""File name endings that :func:`expand_image_paths` takes from folders."""
+
+
+def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders replaced by the image files under them (sorted, recursive).
+
+    Args:
+        paths: Image files and/or folders.
+
+    Returns:
+        The paths, in the given order, with each folder expanded in place.
+
+    Raises:
+        ValueError: For a folder that holds no image files.
+    """
+    expanded: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                raise ValueError(
+                    f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})"
+                )
+            expanded.extend(found)
+        else:
+            expanded.append(path)
+    return expanded

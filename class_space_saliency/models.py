@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +15,16 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .classes import class_index, imagenet_class_names, read_class_names
+from .clip import zero_shot_clip  # noqa: F401  (re-exported: models.zero_shot_clip)
+
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_CONFIG = ASSETS / "fashion_vit.json"
+#: The embedded models by name: their JSON config (weights next to it, ``.safetensors``).
+EMBEDDED_MODELS = {
+    "fashion-scenes": ASSETS / "fashion_scenes_vit.json",
+    "fashion": ASSETS / "fashion_vit.json",
+}
+DEFAULT_MODEL = "fashion-scenes"
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,9 @@ class Preprocessing:
         input_size: (C, H, W) the model expects.
         class_names: Names of the classes, where known.
         transform: Optional PIL -> tensor transform (timm's eval transform) used instead.
+        crop_pct: With ``transform``: timm's centre-crop fraction (the shorter side is
+            resized to ``H / crop_pct``, then the centre (H, W) is cropped); ``None`` for a
+            transform that keeps the whole image.
     """
 
     mean: tuple[float, ...]
@@ -39,6 +52,7 @@ class Preprocessing:
     input_size: tuple[int, int, int]
     class_names: tuple[str, ...] | None = None
     transform: Callable | None = None
+    crop_pct: float | None = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images (..., C, H, W) -> normalised model inputs."""
@@ -63,6 +77,22 @@ class Preprocessing:
         tensor = torch.from_numpy(array).reshape(height, width, -1).permute(2, 0, 1)
         return self.normalize(tensor)
 
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The region ``(left, top, right, bottom)`` of a ``width`` x ``height`` image that
+        the model sees after preprocessing (the whole image unless a centre crop is used).
+
+        Example:
+            >>> prep.crop_box(640, 480)  # timm, 224 input, crop_pct 0.875
+            (48.0, 0.0, 592.0, 480.0)
+        """
+        if self.transform is None or self.crop_pct is None:
+            return (0.0, 0.0, float(width), float(height))
+        _, crop_h, crop_w = self.input_size
+        scale = math.floor(min(crop_h, crop_w) / self.crop_pct) / min(width, height)
+        box_w, box_h = crop_w / scale, crop_h / scale
+        left, top = (width - box_w) / 2, (height - box_h) / 2
+        return (left, top, left + box_w, top + box_h)
+
     def class_name(self, index: int) -> str:
         """Name of class ``index`` (its number where names are unknown)."""
         if self.class_names is None or not 0 <= index < len(self.class_names):
@@ -70,26 +100,15 @@ class Preprocessing:
         return self.class_names[index]
 
     def class_index(self, name_or_index: str | int) -> int:
-        """Class index from a name (case-insensitive) or a number.
+        """Class index from a number, a name or one synonym of a name (case-insensitive).
+
+        ImageNet descriptions list synonyms: ``"tabby"`` finds ``"tabby, tabby cat"``.
 
         Raises:
-            ValueError: For an unknown name, or a number outside the known classes.
+            ValueError: For an unknown or ambiguous name (candidates listed, at most 10), or
+                a number outside the known classes.
         """
-        if isinstance(name_or_index, int) or str(name_or_index).lstrip("-").isdigit():
-            index = int(name_or_index)
-            known = len(self.class_names or ())
-            if known and not 0 <= index < known:
-                raise ValueError(
-                    f"class index {index} is out of range for {known} classes "
-                    f"(valid: 0 .. {known - 1})"
-                )
-            return index
-        names = [n.lower() for n in (self.class_names or ())]
-        if name_or_index.lower() not in names:
-            raise ValueError(
-                f"unknown class name {name_or_index!r}; known: {list(self.class_names or [])}"
-            )
-        return names.index(name_or_index.lower())
+        return class_index(name_or_index, self.class_names)
 
 
 def _to_pil(image: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
@@ -112,15 +131,48 @@ def _to_pil(image: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def load_default(device: str | torch.device = "cpu") -> tuple[nn.Module, Preprocessing]:
-    """The embedded ViT trained on Fashion-MNIST, in eval mode, with its preprocessing.
+def load_default(
+    name: str = DEFAULT_MODEL, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Preprocessing]:
+    """One of the embedded ViTs, in eval mode, with its preprocessing.
+
+    Args:
+        name: ``"fashion-scenes"`` (default: Fashion-MNIST objects on natural photos, 32x32
+            RGB) or ``"fashion"`` (plain Fashion-MNIST, 28x28, black background).
+        device: Where to put the model.
+
+    Returns:
+        ``(model in eval mode, Preprocessing)``.
+
+    Raises:
+        ValueError: For an unknown name (the message lists the embedded names).
 
     Example:
         >>> model, preprocessing = load_default()
-        >>> preprocessing.class_names[0]
-        'T-shirt/top'
+        >>> preprocessing.input_size, preprocessing.class_names[0]
+        ((3, 32, 32), 'T-shirt/top')
     """
-    return _load_config(DEFAULT_CONFIG, device)
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(
+            f"name must be one of {list(EMBEDDED_MODELS)} (embedded models), got {name!r}"
+        )
+    return _load_config(EMBEDDED_MODELS[name], device)
+
+
+def embedded_preprocessing(name: str = DEFAULT_MODEL) -> Preprocessing:
+    """The preprocessing of an embedded model, without loading its weights."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"name must be one of {list(EMBEDDED_MODELS)}, got {name!r}")
+    return _config_preprocessing(json.loads(EMBEDDED_MODELS[name].read_text()))
+
+
+def _config_preprocessing(config: dict) -> Preprocessing:
+    return Preprocessing(
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        input_size=tuple(config["input_size"]),
+        class_names=tuple(config["class_names"]),
+    )
 
 
 def _load_config(config_path: Path, device: str | torch.device) -> tuple[nn.Module, Preprocessing]:
@@ -130,69 +182,152 @@ def _load_config(config_path: Path, device: str | torch.device) -> tuple[nn.Modu
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **config["kwargs"])
     weights = Path(config_path).with_suffix(".safetensors")
     model.load_state_dict(load_file(str(weights)))
-    preprocessing = Preprocessing(
-        mean=tuple(config["mean"]),
-        std=tuple(config["std"]),
-        input_size=tuple(config["input_size"]),
-        class_names=tuple(config["class_names"]),
-    )
-    return model.to(device).eval(), preprocessing
+    return model.to(device).eval(), _config_preprocessing(config)
 
 
 def load_model(
     name_or_path: str,
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
+    *,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | str | Path | None = None,
 ) -> tuple[nn.Module, Preprocessing]:
     """Load a model and its preprocessing.
 
     Args:
-        name_or_path: ``"default"`` (the embedded model), a JSON config written by
-            ``benchmarks/train_default_model.py`` (weights next to it), or a timm model name.
-        weights: For timm names: a local ``.safetensors``/``.pth`` state dict. Without it,
-            timm's pretrained weights are downloaded (needs the network).
+        name_or_path: ``"default"`` (the default embedded model), an embedded model's name
+            (``"fashion-scenes"``, ``"fashion"``), a JSON config written by
+            ``benchmarks/train_default_model.py`` (weights next to it), a timm model name,
+            or ``"hf:ORG/NAME"`` (a Hugging Face hub image classifier, needs the network).
+        weights: For timm names: a local ``.safetensors``/``.pth`` state dict, e.g. your own
+            fine-tuned checkpoint. Without it, timm's pretrained weights are downloaded
+            (needs the network).
         device: Where to put the model.
+        num_classes: Classes of the head. Default: inferred from ``weights`` (the shape of
+            its head), else from ``class_names``, else the model's default (1000 for timm).
+        class_names: Names of the classes in index order, or a text file with one per line.
+            Default: the ImageNet names for a 1000-class timm model, else none (numbers).
 
     Returns:
         ``(model in eval mode, Preprocessing)``.
 
     Raises:
-        ValueError: For an unknown name.
+        ValueError: For an unknown name, or weights, ``num_classes`` and ``class_names``
+            that disagree.
+        FileNotFoundError: For a missing weights or class-names file.
         RuntimeError: If pretrained weights cannot be downloaded (offline) and no
             ``weights`` file was given.
 
     Example:
-        >>> model, prep = load_model("vit_base_patch16_224", weights="vit_b16.safetensors")
+        >>> model, prep = load_model("vit_small_patch16_224", weights="pets.pth",
+        ...                          class_names="pets.txt")  # a 37-class fine-tune
     """
-    if name_or_path == "default":
-        return load_default(device)
-    if name_or_path.endswith(".json"):
-        return _load_config(Path(name_or_path), device)
+    if isinstance(class_names, (str, Path)):
+        class_names = read_class_names(class_names)
+    if class_names is not None:
+        class_names = tuple(str(name) for name in class_names)
+    if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if name_or_path.startswith("hf:"):  # Hugging Face hub (optional extra)
+        from .hub import load_hf
+
+        return load_hf(name_or_path[3:], device)
+    if name_or_path in ("default", *EMBEDDED_MODELS) or name_or_path.endswith(".json"):
+        model, preprocessing = (
+            _load_config(Path(name_or_path), device)
+            if name_or_path.endswith(".json")
+            else load_default(DEFAULT_MODEL if name_or_path == "default" else name_or_path, device)
+        )
+        _check_class_count(len(preprocessing.class_names), num_classes, class_names, "the model")
+        if class_names is not None:
+            preprocessing = dataclasses.replace(preprocessing, class_names=class_names)
+        return model, preprocessing
     if not timm.is_model(name_or_path):
         raise ValueError(
-            f"model must be 'default', a .json config or a timm model name, got "
+            f"model must be 'default', one of {list(EMBEDDED_MODELS)}, a .json config or a "
+            f"timm model name, got "
             f"{name_or_path!r} (see timm.list_models())"
         )
     if weights is not None:
-        model = timm.create_model(name_or_path, pretrained=False)
-        model.load_state_dict(_read_state_dict(Path(weights)))
+        state = _read_state_dict(Path(weights))
+        head = _head_classes(state)
+        _check_class_count(head, num_classes, class_names, f"the checkpoint {weights}")
+        count = head or num_classes or (len(class_names) if class_names else None)
+        options = {} if count is None else {"num_classes": count}
+        model = timm.create_model(name_or_path, pretrained=False, **options)
+        _load_state(model, state, name_or_path, Path(weights))
     else:
+        count = num_classes or (len(class_names) if class_names else None)
+        _check_class_count(count, num_classes, class_names, "num_classes")
+        options = {} if count is None else {"num_classes": count}
         try:
-            model = timm.create_model(name_or_path, pretrained=True)
+            model = timm.create_model(name_or_path, pretrained=True, **options)
         except Exception as error:  # network or hub failures surface as many types
             raise RuntimeError(
                 f"could not fetch pretrained weights for {name_or_path!r} ({error}); "
                 "pass weights=PATH to a local state dict"
             ) from error
     config = timm.data.resolve_data_config({}, model=model)
+    if class_names is None and getattr(model, "num_classes", None) == 1000:
+        class_names = imagenet_class_names()
     preprocessing = Preprocessing(
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
         input_size=tuple(config["input_size"]),
-        class_names=_imagenet_names(model),
+        class_names=class_names,
         transform=timm.data.create_transform(**config),
+        crop_pct=config.get("crop_pct") if config.get("crop_mode", "center") == "center" else None,
     )
     return model.to(device).eval(), preprocessing
+
+
+def _check_class_count(
+    found: int | None,
+    num_classes: int | None,
+    class_names: Sequence[str] | None,
+    source: str,
+) -> None:
+    """Raise ValueError where ``num_classes`` or ``class_names`` contradict ``found``."""
+    if found is not None and num_classes is not None and found != num_classes:
+        raise ValueError(f"{source} has {found} classes, but num_classes={num_classes}")
+    expected = found or num_classes
+    if class_names is not None and expected is not None and len(class_names) != expected:
+        raise ValueError(
+            f"{len(class_names)} class names given, but {source} has {expected} classes"
+        )
+
+
+def _head_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes of a timm checkpoint's head (``head.weight`` / ``head.fc.weight``)."""
+    for key in ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight"):
+        if key in state and state[key].dim() == 2:
+            return int(state[key].shape[0])
+    return None
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
+    """``load_state_dict`` with a short error naming a few mismatched keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
+        for what, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        )
+        if items
+    ]
+    if problems:
+        raise ValueError(f"weights {path} do not fit timm model {name!r}: {'; '.join(problems)}")
+    model.load_state_dict(state)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -204,10 +339,3 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state.get("model", state))
-
-
-def _imagenet_names(model: nn.Module) -> tuple[str, ...] | None:
-    if getattr(model, "num_classes", None) != 1000:
-        return None
-    info = timm.data.ImageNetInfo()
-    return tuple(info.index_to_description(i) for i in range(1000))

@@ -90,8 +90,9 @@ class Identifiability:
         token_rank: Mean normalised rank of the label over image tokens and images (L,).
         token_rate: Identifiability rate in % (L,): per image, the share of image tokens whose
             top-1 class is the label, averaged over images.
-        cls_rank: Mean normalised rank of the label for the first prefix token ([CLS]) (L,),
-            or ``None`` for models without prefix tokens.
+        cls_rank: Mean normalised rank of the label for the [CLS] token (L,), or ``None``
+            where the head reads no [CLS] (pooled models, also those that keep a [CLS] or
+            registers).
         cls_rate: % of images whose [CLS] token's top-1 class is the label (L,), or ``None``.
         num_images: Images the figures average over.
         component: Which token state was projected.
@@ -179,6 +180,7 @@ def class_identifiability(
     if labels is None:
         raise ValueError("labels must be given (int, list of ints or int tensor), got None")
     prefix = anatomy.num_prefix_tokens
+    cls = anatomy.readout.cls_index
 
     def summarise(component_: str, block: int, tokens: torch.Tensor) -> torch.Tensor:
         logits = anatomy.project(tokens).float()  # (b, N, C)
@@ -187,15 +189,16 @@ def class_identifiability(
         top1 = (logits.argmax(-1) == chunk_labels[:, None]).float()
         # per image: [img rank, img rate, cls rank, cls top-1]
         image = torch.stack([rank[:, prefix:].mean(1), top1[:, prefix:].mean(1) * 100], 1)
-        cls = torch.stack([rank[:, 0], top1[:, 0] * 100], 1) if prefix else image[:, :0]
-        return torch.cat([image, cls], 1)
+        if cls is None:
+            return image
+        return torch.cat([image, rank[:, cls, None], top1[:, cls, None] * 100], 1)
 
-    totals = torch.zeros(len(blocks), 4 if prefix else 2, dtype=torch.float64)
+    totals = torch.zeros(len(blocks), 2 if cls is None else 4, dtype=torch.float64)
     starts = range(0, inputs.shape[0], max_batch_size)
     for start in tqdm(starts, desc="identifiability", disable=not progress):
         current_labels = labels[start : start + max_batch_size]
         with anatomy.capture([(component, b) for b in blocks], reduce=summarise) as cap:
-            anatomy.model(inputs[start : start + max_batch_size])
+            anatomy.forward(inputs[start : start + max_batch_size])
         for i, block in enumerate(blocks):
             totals[i] += cap.tokens[(component, block)].double().sum(0).cpu()
     means = (totals / inputs.shape[0]).float()
@@ -203,8 +206,8 @@ def class_identifiability(
         layers=blocks,
         token_rank=means[:, 0],
         token_rate=means[:, 1],
-        cls_rank=means[:, 2] if prefix else None,
-        cls_rate=means[:, 3] if prefix else None,
+        cls_rank=None if cls is None else means[:, 2],
+        cls_rate=None if cls is None else means[:, 3],
         num_images=int(inputs.shape[0]),
         component=component,
     )

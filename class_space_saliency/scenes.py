@@ -14,8 +14,13 @@ regenerated alone, in any order, on any machine:
 - **background**: a random square crop (side 15-100 % of the photo's shorter side, random
   position, random horizontal flip) of one of the photos bundled with scikit-image, resized to
   the canvas. Train and test use disjoint photos (``TRAIN_PHOTOS``, ``TEST_PHOTOS``), so a
-  model is evaluated on backgrounds it never saw. All photos are public domain or CC0 (see
-  ``assets/LICENSE-scenes-photos.txt``).
+  model is evaluated on backgrounds it never saw. Training backgrounds are further varied
+  (``vary_background``: rotation by a multiple of 90 degrees, a random permutation of the colour
+  channels, inversion with probability 0.3, a random colour cast: per-channel gains in
+  0.4-1.2), and with probability ``SMOOTH_FIELD_P`` (0.3) a
+  training background is a random smooth colour field instead (``smooth_field``), so 11 photos
+  do not teach a model their textures; test backgrounds are plain photo crops. All photos are
+  public domain or CC0 (see ``assets/LICENSE-scenes-photos.txt``).
 
 Example:
     >>> images, masks, labels = generate("test", indices=range(4), seed=0)
@@ -40,6 +45,7 @@ COVERAGE = (0.15, 0.5)
 CROP_SCALE = (0.15, 1.0)
 PHOTO_SIDE = 128
 SPLIT_CODES = {"train": 0, "test": 1}
+SMOOTH_FIELD_P = 0.3
 
 #: scikit-image photos used as training backgrounds (public domain / CC0).
 TRAIN_PHOTOS = (
@@ -108,6 +114,24 @@ def background(photo: np.ndarray, rng: np.random.Generator, canvas: int = CANVAS
     return resize(crop, (canvas, canvas), anti_aliasing=side > canvas).astype(np.float32)
 
 
+def smooth_field(rng: np.random.Generator, canvas: int = CANVAS) -> np.ndarray:
+    """Random colours on a 2x2 to 6x6 grid, upsampled bilinearly to the canvas (training only)."""
+    from skimage.transform import resize
+
+    cells = int(rng.integers(2, 7))
+    colours = rng.uniform(0.0, 1.0, size=(cells, cells, 3)).astype(np.float32)
+    return resize(colours, (canvas, canvas), order=1).astype(np.float32)
+
+
+def vary_background(backdrop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Training-split variation: rotate by k x 90 degrees, permute channels, maybe invert, cast."""
+    varied = np.rot90(backdrop, k=int(rng.integers(4)))[..., rng.permutation(3)]
+    if rng.random() < 0.3:
+        varied = 1.0 - varied
+    gains = rng.uniform(0.4, 1.2, size=3).astype(np.float32)
+    return np.ascontiguousarray(np.clip(varied * gains, 0.0, 1.0))
+
+
 def composite(
     sprite: np.ndarray, backdrop: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +184,10 @@ def make_scene(
     names = photos(split) if photo_names is None else tuple(photo_names)
     photo = _photo(names[int(rng.integers(len(names)))])
     backdrop = background(photo, rng)
+    if split == "train":
+        backdrop = vary_background(backdrop, rng)
+        if rng.random() < SMOOTH_FIELD_P:
+            backdrop = smooth_field(rng)
     image, mask = composite(sprite, backdrop, rng)
     return Scene(image, mask, int(label))
 

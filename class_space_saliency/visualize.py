@@ -93,36 +93,151 @@ def colorize(values01: np.ndarray, colormap: str = "jet") -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def display_range(saliency: ArrayLike, normalization: str = "auto") -> tuple[float, float, str]:
+    """Map values shown at the two ends of the colormap, and the scaling used.
+
+    Returns:
+        ``(low, high, scaling)`` with ``scaling`` one of ``"minmax"``, ``"symmetric"``,
+        ``"positive"`` (``"auto"`` resolved as in :func:`normalize_map`).
+    """
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    values = _numpy(saliency).astype(np.float64)
+    if normalization == "auto":
+        normalization = "symmetric" if values.min() < 0 else "minmax"
+    if normalization == "symmetric":
+        scale = float(np.abs(values).max())
+        return (-scale, scale, normalization)
+    if normalization == "positive":
+        return (0.0, float(values.clip(min=0).max()), normalization)
+    return (float(values.min()), float(values.max()), normalization)
+
+
 def overlay(
     image: ArrayLike,
     saliency: ArrayLike,
     colormap: str = "jet",
     alpha: float = 0.5,
     normalization: str = "auto",
+    box: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Blend a saliency map of any grid size onto an image.
 
     Args:
         image: uint8 or [0, 1] float image (see :func:`image_to_uint8`).
-        saliency: Map (h, w), (1, h, w) or (1, 1, h, w); bilinearly upsampled to the image.
+        saliency: Map (h, w), (1, h, w) or (1, 1, h, w); bilinearly upsampled to the image
+            (or to ``box``).
         colormap: OpenCV colormap name.
         alpha: Weight of the heatmap (0 = image only, 1 = heatmap only).
         normalization: How the map is scaled to the colormap (module docstring).
+        box: ``(left, top, right, bottom)`` in image pixels: the region the model saw
+            (:meth:`Preprocessing.crop_box`). The map covers that region; the rest of the
+            image is shown dimmed. Default: the whole image.
 
     Returns:
         uint8 RGB array (H, W, 3).
 
     Example:
-        >>> rgb = overlay(image_uint8, maps[0], colormap="jet", alpha=0.5)
+        >>> rgb = overlay(photo, maps[0], box=preprocessing.crop_box(*photo.size))
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    rgb = image_to_uint8(image)
+    rgb = image_to_uint8(image).astype(np.float32)
+    height, width = rgb.shape[:2]
+    left, top, right, bottom = (0, 0, width, height) if box is None else (round(v) for v in box)
+    if not (right > left and bottom > top):
+        raise ValueError(f"box must be (left, top, right, bottom) with positive size, got {box}")
     values = normalize_map(saliency, normalization).astype(np.float32)
-    values = cv2.resize(values, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
-    heat = colorize(values.clip(0, 1), colormap)
-    blended = (1 - alpha) * rgb.astype(np.float32) + alpha * heat.astype(np.float32)
+    values = cv2.resize(values, (right - left, bottom - top), interpolation=cv2.INTER_LINEAR)
+    heat = colorize(values.clip(0, 1), colormap).astype(np.float32)
+    inside = (slice(max(top, 0), min(bottom, height)), slice(max(left, 0), min(right, width)))
+    heat_inside = heat[inside[0].start - top : inside[0].stop - top,
+                       inside[1].start - left : inside[1].stop - left]  # fmt: skip
+    blended = rgb * (0.5 if box is not None else 1.0)
+    blended[inside] = (1 - alpha) * rgb[inside] + alpha * heat_inside
     return blended.round().clip(0, 255).astype(np.uint8)
+
+
+def with_colorbar(
+    rgb: np.ndarray,
+    saliency: ArrayLike,
+    colormap: str = "jet",
+    normalization: str = "auto",
+) -> np.ndarray:
+    """Append a colour bar to the right of an overlay, labelled with the map's values.
+
+    The bar is labelled with the values at its ends and the scaling (``minmax``,
+    ``symmetric`` or ``positive``, see the module docstring).
+
+    Returns:
+        uint8 RGB array (H, W + bar width, 3).
+    """
+    height = rgb.shape[0]
+    low, high, scaling = display_range(saliency, normalization)
+    font = max(0.3, min(height / 500, 1.0))
+    text_w = int(80 * font) + 4
+    bar_w = max(8, height // 40)
+    strip = np.full((height, bar_w + text_w + 6, 3), 255, np.uint8)
+    ramp = np.linspace(1, 0, height, dtype=np.float32)[:, None].repeat(bar_w, 1)
+    strip[:, 3 : 3 + bar_w] = colorize(ramp, colormap)
+    line = max(1, round(font * 2))
+    for text, y in ((f"{high:.3g}", int(14 * font) + 2), (f"{low:.3g}", height - 4),
+                    (scaling, height // 2)):  # fmt: skip
+        cv2.putText(strip, text, (bar_w + 6, y), cv2.FONT_HERSHEY_SIMPLEX, font * 0.5 + 0.05,
+                    (0, 0, 0), line, cv2.LINE_AA)  # fmt: skip
+    return np.concatenate([rgb, strip], 1)
+
+
+def _matplotlib_colormap(colormap: str):
+    """The OpenCV colormap as a matplotlib colormap (same 256 colours)."""
+    from matplotlib.colors import ListedColormap
+
+    ramp = colorize(np.linspace(0, 1, 256, dtype=np.float32)[None], colormap)[0]
+    return ListedColormap(ramp / 255.0, name=colormap)
+
+
+SCALING_NOTES = {
+    "minmax": "colours: min to max of the map",
+    "symmetric": "colours: symmetric, centre = 0",
+    "positive": "colours: 0 to max, negatives shown as 0",
+}
+
+
+def overlay_figure(
+    image: ArrayLike,
+    saliency: ArrayLike,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    normalization: str = "auto",
+    box: Sequence[float] | None = None,
+    title: str | None = None,
+):
+    """One overlay as a matplotlib figure, with a colour bar in map units and a scaling note.
+
+    Args:
+        image, saliency, colormap, alpha, normalization, box: As for :func:`overlay`.
+        title: Optional title.
+
+    Returns:
+        A matplotlib ``Figure`` (shown inline in Jupyter).
+
+    Example:
+        >>> overlay_figure(photo, maps[0], box=preprocessing.crop_box(*photo.size))
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    rgb = overlay(image, saliency, colormap, alpha, normalization, box)
+    low, high, scaling = display_range(saliency, normalization)
+    figure, ax = plt.subplots(figsize=(5, 5 * rgb.shape[0] / rgb.shape[1] + 0.4))
+    ax.imshow(rgb)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    mappable = ScalarMappable(Normalize(low, high), _matplotlib_colormap(colormap))
+    figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label="map value")
+    figure.text(0.01, 0.01, SCALING_NOTES[scaling], fontsize=7)
+    return figure
 
 
 def saliency_grid(
@@ -136,6 +251,10 @@ def saliency_grid(
 ):
     """A figure with one row per image: the original, then one overlay per column.
 
+    Every panel is scaled on its own (see the module docstring); the figure's colour bar
+    runs from each panel's low to its high end, panels with symmetric scaling (maps with
+    negative values, centre = 0) are marked "±", and a note below says so.
+
     Args:
         images: Images (see :func:`image_to_uint8`), one per row.
         columns: ``{title: maps}`` where maps is (B, 1, h, w) or (B, h, w) with B rows.
@@ -144,19 +263,24 @@ def saliency_grid(
         cell_size: Inches per panel.
 
     Returns:
-        A matplotlib ``Figure``.
+        A matplotlib ``Figure`` (shown inline in Jupyter).
     """
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     rows, cols = len(images), 1 + len(columns)
     figure, axes = plt.subplots(
-        rows, cols, figsize=(cell_size * cols, cell_size * rows), squeeze=False
+        rows, cols, figsize=(cell_size * cols + 0.8, cell_size * rows + 0.3), squeeze=False
     )
     for r, image in enumerate(images):
         axes[r, 0].imshow(image_to_uint8(image))
         axes[r, 0].set_ylabel(row_titles[r] if row_titles else "", fontsize=7)
         for c, (title, maps) in enumerate(columns.items(), start=1):
             axes[r, c].imshow(overlay(image, maps[r], colormap, alpha, normalization))
+            if display_range(maps[r], normalization)[2] == "symmetric":
+                axes[r, c].text(0.03, 0.97, "±", transform=axes[r, c].transAxes, fontsize=8,
+                                va="top", color="white")  # fmt: skip
             if r == 0:
                 axes[r, c].set_title(title, fontsize=8)
         if r == 0:
@@ -164,7 +288,18 @@ def saliency_grid(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    bar = figure.colorbar(
+        ScalarMappable(Normalize(0, 1), _matplotlib_colormap(colormap)),
+        ax=axes, fraction=0.02, pad=0.01, ticks=[0, 0.5, 1],
+    )  # fmt: skip
+    bar.ax.set_yticklabels(["low", "mid", "high"], fontsize=7)
+    figure.text(
+        0.01, 0.005,
+        f"each panel scaled on its own ({normalization}): min to max, or symmetric around 0 "
+        "where marked ±",
+        fontsize=6,
+    )  # fmt: skip
     return figure
 
 

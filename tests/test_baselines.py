@@ -78,13 +78,16 @@ def head_of(model, x):
     return model.forward_head(model.norm(x))
 
 
-def image_row(matrix, prefix):
-    """[CLS] row at image columns; no [CLS]: mean over the (image) query rows."""
+def image_row(matrix, prefix, distilled=False):
+    """[CLS] row at image columns (DeiT distilled: mean of the [CLS] and distillation rows,
+    whose heads are averaged); no [CLS]: mean over the (image) query rows."""
+    if distilled:
+        return (matrix[:, 0, prefix:] + matrix[:, 1, prefix:]) / 2
     return matrix[:, 0, prefix:] if prefix else matrix[:, prefix:, prefix:].mean(1)
 
 
 # ---------------------------------------------------------------------------- rollout / raw
-def reference_rollout(probs, fusion="mean", discard=0.0, prefix=1):
+def reference_rollout(probs, fusion="mean", discard=0.0, prefix=1, distilled=False):
     """Per example, per block: fuse, discard by sorting, +I, normalise rows, multiply."""
     batch, n = probs[0].shape[0], probs[0].shape[-1]
     rows = []
@@ -101,7 +104,7 @@ def reference_rollout(probs, fusion="mean", discard=0.0, prefix=1):
             a = flat.reshape(n, n) + torch.eye(n)
             a = a / a.sum(1).unsqueeze(1)
             rolled = a @ rolled
-        rows.append(image_row(rolled[None], prefix)[0])
+        rows.append(image_row(rolled[None], prefix, distilled)[0])
     return torch.stack(rows)
 
 
@@ -110,7 +113,8 @@ def test_rollout_matches_reference(family):
     model = make_model(family)
     images = input_for(family)
     probs = reference_states(model, images)["attn_probs"]
-    want = as_maps(reference_rollout(probs, prefix=prefix_of(model)), grid_of(model, images))
+    rollout = reference_rollout(probs, prefix=prefix_of(model), distilled=family == "distilled")
+    want = as_maps(rollout, grid_of(model, images))
     got = AttentionRollout(model).attribute(images)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
@@ -130,7 +134,7 @@ def test_rollout_options_match_reference(family, fusion, discard, start):
     model = make_model(family)
     images = input_for(family)
     probs = reference_states(model, images)["attn_probs"][start:]
-    want = reference_rollout(probs, fusion, discard, prefix_of(model))
+    want = reference_rollout(probs, fusion, discard, prefix_of(model), family == "distilled")
     want = as_maps(want, grid_of(model, images))
     got = AttentionRollout(model, head_fusion=fusion, discard_ratio=discard, start_layer=start)
     torch.testing.assert_close(got.attribute(images), want, rtol=1e-4, atol=1e-6)
@@ -187,7 +191,8 @@ def test_raw_attention_matches_reference(family):
     probs = reference_states(model, images)["attn_probs"]
     grid = grid_of(model, images)
     for layer in (-1, 0):
-        want = as_maps(image_row(probs[layer].mean(1), prefix_of(model)), grid)
+        want = image_row(probs[layer].mean(1), prefix_of(model), family == "distilled")
+        want = as_maps(want, grid)
         got = RawAttention(model, layer=layer).attribute(images)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
@@ -220,7 +225,8 @@ def reference_chefer(model, images, target):
     relevance = torch.eye(n).repeat(len(target), 1, 1)
     for p, g in zip(probs, grads, strict=True):
         relevance = relevance + (g * p).clamp(min=0).mean(1) @ relevance
-    return image_row(relevance, model.num_prefix_tokens).detach()
+    distilled = hasattr(model, "head_dist")
+    return image_row(relevance, model.num_prefix_tokens, distilled).detach()
 
 
 @pytest.mark.parametrize("family", TIMM_FAMILIES)
@@ -466,7 +472,7 @@ def reference_sobel(images, patch):
     return magnitude.reshape(b, height // ph, ph, width // pw, pw).mean((2, 4))[:, None]
 
 
-@pytest.mark.parametrize("family", ["plain", "dynamic"])
+@pytest.mark.parametrize("family", ["plain", "dynamic", "distilled", "avgpool", "torchvision"])
 def test_sobel_matches_hand_computation_and_ignores_the_model(family):
     model = make_model(family)
     images = input_for(family)

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from class_space_saliency.cli import main
-from class_space_saliency.data import load_default_eval_uint8
+from class_space_saliency.cli import main, output_stems
+from class_space_saliency.data import load_default_eval, load_default_eval_uint8
+from class_space_saliency.methods import ClassSpaceSaliency
+from class_space_saliency.models import load_default
 
 
 def test_demo_writes_figures_and_summary(tmp_path):
@@ -21,30 +23,71 @@ def test_demo_writes_figures_and_summary(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["examples"]) == 10
     assert len(summary["identifiability"]["token_rate"]) == 6
-    assert summary["eval_accuracy"] >= 0.88
+    assert summary["eval_accuracy"] >= 0.85
+    assert "fashion_scenes_vit.json" in summary["model"]
 
 
 @pytest.fixture
 def user_images(tmp_path):
     raw, _ = load_default_eval_uint8(2)
     grey = tmp_path / "grey.png"
-    Image.fromarray(raw[0]).resize((90, 60)).save(grey)
+    Image.fromarray(raw[0, ..., 1]).resize((90, 60)).save(grey)
     rgb = tmp_path / "rgb.jpg"
-    Image.fromarray(np.repeat(raw[1][..., None], 3, -1)).resize((64, 64)).save(rgb)
+    Image.fromarray(raw[1]).resize((64, 64)).save(rgb)
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"not an image")
     return grey, rgb, corrupt
 
 
-def test_attribute_writes_overlays_at_image_size(tmp_path, user_images, capsys):
+def test_attribute_writes_overlays_on_the_whole_image(tmp_path, user_images, capsys):
     grey, rgb, _ = user_images
     out = tmp_path / "out"
-    code = main(["attribute", str(grey), str(rgb), "--out", str(out), "--target", "Coat",
-                 "--layer", "all", "--method", "class_space", "sobel"])  # fmt: skip
+    code = main(["attribute", str(grey), str(rgb), "--out", str(out), "--target", "coat",
+                 "--layer", "all", "--methods", "class_space", "gradcam"])  # fmt: skip
+    assert code == 2  # --layer all does not fit gradcam's single layer
+    code = main(["attribute", str(grey), str(rgb), "--out", str(out), "--target", "coat",
+                 "--layer", "all", "--methods", "class_space"])  # fmt: skip
     assert code == 0
-    assert Image.open(out / "grey_class_space.png").size == (90, 60)
-    assert Image.open(out / "rgb_sobel.png").size == (64, 64)
+    width, height = Image.open(out / "grey_class_space.png").size
+    assert height == 60 and width > 90  # the photo, then the colour bar
     assert "target Coat" in capsys.readouterr().out
+
+
+def test_save_maps_writes_raw_maps_and_predictions(tmp_path):
+    raw, _ = load_default_eval_uint8(3)
+    for folder, k in (("a", 0), ("b", 1), ("b/c", 2)):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(raw[k]).save(tmp_path / folder / "item.png")  # same file names
+    out = tmp_path / "out"
+    assert main(["attribute", str(tmp_path / "a"), str(tmp_path / "b"), "--save-maps",
+                 "--out", str(out), "--layer", "-2"]) == 0  # fmt: skip
+    records = json.loads((out / "predictions.json").read_text())
+    assert [r["name"] for r in records] == ["a__item", "b__c__item", "b__item"]
+    model, prep = load_default()
+    inputs, _ = load_default_eval(3, preprocessing=prep)
+    expected = ClassSpaceSaliency(model, layer=-2).attribute(
+        inputs[[0, 2, 1]], target=[r["target"]["index"] for r in records], upsample=True
+    )
+    probs = model(inputs[[0, 2, 1]]).softmax(-1).detach()
+    for k, record in enumerate(records):
+        saved = np.load(out / f"{record['name']}_class_space.npy")
+        assert saved.dtype == np.float32 and saved.shape == (32, 32)
+        np.testing.assert_allclose(saved, expected[k, 0].numpy(), rtol=1e-4, atol=1e-5)
+        top = probs[k].topk(5)
+        assert [c["index"] for c in record["top5"]] == top.indices.tolist()
+        np.testing.assert_allclose(
+            [c["probability"] for c in record["top5"]], top.values, atol=1e-5
+        )
+        assert record["layer"] == -2 and record["methods"] == ["class_space"]
+        assert (out / f"{record['name']}_class_space.png").exists()
+
+
+def test_output_stems_are_unique():
+    from pathlib import Path
+
+    stems = output_stems([Path("x/a/cat.jpg"), Path("x/b/cat.jpg"), Path("x/b/cat.png"),
+                          Path("x/a/cat.jpg")])  # fmt: skip
+    assert stems == ["a__cat", "b__cat_jpg", "b__cat_png", "a__cat-2"]
 
 
 def test_bad_files_are_reported_and_others_processed(tmp_path, user_images, capsys):
@@ -58,16 +101,51 @@ def test_bad_files_are_reported_and_others_processed(tmp_path, user_images, caps
     assert (out / "grey_class_space.png").exists()
 
 
-def test_bad_model_or_target_exit_2(user_images, tmp_path):
+def test_user_errors_exit_2_with_one_line(user_images, tmp_path, capsys):
     grey = str(user_images[0])
     assert main(["attribute", grey, "--model", "nope", "--out", str(tmp_path)]) == 2
     assert main(["attribute", grey, "--target", "hat", "--out", str(tmp_path)]) == 2
-
-
-def test_module_entry_point_and_usage_errors():
-    ran = subprocess.run(
-        [sys.executable, "-m", "class_space_saliency", "attribute", "x.png", "--layer", "one"],
-        capture_output=True,
-        text=True,
+    assert main(["attribute", grey, "--out", grey]) == 2  # an existing file as --out
+    assert (
+        main(["attribute", grey, "--methods", "sobel", "--layer", "1", "--out", str(tmp_path)]) == 2
     )
-    assert ran.returncode == 2 and "--layer" in ran.stderr and "Traceback" not in ran.stderr
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("error: ") and len(line) < 400 for line in err)
+
+
+def test_module_entry_point_usage_error_is_one_line():
+    command = [
+        sys.executable,
+        "-m",
+        "class_space_saliency",
+        "attribute",
+        "x.png",
+        "--colormap",
+        "no",
+    ]
+    ran = subprocess.run(command, capture_output=True, text=True)
+    assert ran.returncode == 2 and "--colormap" in ran.stderr and "Traceback" not in ran.stderr
+
+
+def test_help_shows_defaults_choices_and_an_example(capsys):
+    for command in ("attribute", "sanity", "benchmark"):
+        with pytest.raises(SystemExit) as exited:
+            main([command, "--help"])
+        assert exited.value.code == 0
+        text = capsys.readouterr().out
+        assert "(default:" in text and "example" in text, command
+
+
+def test_decompression_bomb_is_skipped_and_photos_warned_about_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")  # over twice the limit
+    colourful = np.zeros((40, 40, 3), np.uint8)
+    colourful[..., 0] = 255
+    for name in ("red1.png", "red2.png"):
+        Image.fromarray(colourful).save(tmp_path / name)
+    out = tmp_path / "out"
+    assert main(["attribute", str(tmp_path), "--out", str(out), "--model", "fashion"]) == 1
+    err = capsys.readouterr().err
+    assert "bomb.png" in err and "Traceback" not in err
+    assert err.count("Fashion-MNIST") == 1  # colour photos are unlike the grey model's data
+    assert (out / "red1_class_space.png").exists() and (out / "red2_class_space.png").exists()

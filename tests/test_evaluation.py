@@ -335,17 +335,37 @@ def test_chunking_does_not_change_curves():
 
 
 def test_token_removal_refuses_unsupported_models():
+    cnn = nn.Sequential(nn.Conv2d(3, 7, 8, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(TypeError, match="token removal is not supported"):
-        check_token_model(make_model("torchvision"))
+        check_token_model(cnn)
     images = torch.randn(1, 3, 32, 32)
     with pytest.raises(TypeError, match="token removal"):
         curves_of(
-            make_model("torchvision"),
-            images,
-            torch.rand(1, 1, 4, 4),
-            torch.tensor([0]),
-            PROTOCOLS["vilas2023/positive"],
+            cnn, images, torch.rand(1, 1, 4, 4), torch.tensor([0]), PROTOCOLS["vilas2023/positive"]
         )
+
+
+@torch.no_grad()
+def test_token_removal_on_torchvision_equals_masked_keys():
+    """Hand-run torchvision encoder with the removed tokens masked as attention keys."""
+    model = make_model("torchvision")
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    saliency = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    targets = torch.tensor([0, 1, 2])
+    protocol = dataclasses.replace(PROTOCOLS["vilas2023/negative"], score="logit")
+    _, curves = curves_of(model, images, saliency, targets, protocol)
+    order = saliency.flatten(1).argsort(dim=1, stable=True)  # least salient removed first
+    for step, removed in enumerate(range(1, 16)):
+        keep = torch.ones(3, 17, dtype=torch.bool)
+        keep.scatter_(1, order[:, :removed] + 1, False)
+        x = model._process_input(images)
+        x = torch.cat([model.class_token.expand(3, -1, -1), x], 1) + model.encoder.pos_embedding
+        for layer in model.encoder.layers:
+            h = layer.ln_1(x)
+            x = x + layer.self_attention(h, h, h, key_padding_mask=~keep, need_weights=False)[0]
+            x = x + layer.mlp(layer.ln_2(x))
+        want = model.heads(model.encoder.ln(x)[:, 0]).gather(1, targets[:, None])[:, 0]
+        torch.testing.assert_close(curves[:, step], want, atol=1e-5, rtol=1e-4)
 
 
 def test_map_shape_is_checked():

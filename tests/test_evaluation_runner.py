@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import runpy
 import subprocess
@@ -31,6 +32,7 @@ from class_space_saliency.evaluation import (
     write_report,
 )
 from class_space_saliency.evaluation.cli import add_benchmark_command
+from class_space_saliency.evaluation.datasets import balanced_order
 from class_space_saliency.evaluation.protocols import protocol_to_dict
 
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -159,14 +161,31 @@ def test_cut_short_last_line_is_repaired(reference, tmp_path):
         load_records(tmp_path)
 
 
-@pytest.mark.parametrize(
-    "change",
-    [dict(n=5), dict(protocols=["chefer2021"]), dict(seed=1), dict(model_name="other")],
-)
+@pytest.mark.parametrize("change", [dict(seed=1), dict(model_name="other")])
 def test_config_mismatch_raises(reference, change):
     model = make_model("plain")
     with pytest.raises(ValueError, match="different benchmark configuration"):
         run(model, tiny_data(), methods_for(model), reference[0], **change)
+
+
+def test_a_run_grows_in_its_folder(tmp_path, capsys):
+    model = make_model("plain")
+    run(model, tiny_data(), ["class_space"], tmp_path, protocols=["chefer2021/positive"], n=3)
+    first = load_records(tmp_path)
+    assert len(first) == 3
+    report = run(model, tiny_data(), ["class_space", "random"], tmp_path,
+                 protocols=["chefer2021/positive", "chefer2021/negative"], n=5)  # fmt: skip
+    assert "3 of 5 images already done" not in capsys.readouterr().err  # new methods to do
+    records = load_records(tmp_path)
+    assert len(records) == 5 * 2 * 2
+    assert [r for r in records if r in first] == first  # earlier records kept as they were
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["n"] == 5 and [m["name"] for m in config["methods"]] == ["class_space", "random"]
+    assert {row.method for row in report.rows} == {"class_space", "random"}
+    run(model, tiny_data(), ["class_space"], tmp_path, protocols=["chefer2021/positive"], n=5,
+        progress=True)  # fmt: skip
+    assert "5 of 5 images already done" in capsys.readouterr().err
+    assert len(load_records(tmp_path)) == 20
 
 
 def test_different_weights_or_method_options_raise(tmp_path):
@@ -373,14 +392,25 @@ def test_corrupt_images_are_skipped_and_listed(tmp_path):
 def test_benchmark_command(tmp_path, monkeypatch, capsys):
     class Preprocessing:
         mean, std, input_size = NORM["mean"], NORM["std"], (3, 32, 32)
+        class_names = ("Dog", "bird", "Cat", "x", "y", "z", "w")
 
         def __call__(self, image):
             return PREPROCESS(image)
 
     models = types.ModuleType("class_space_saliency.models")
-    models.load_model = lambda name, weights=None: (make_model("plain"), Preprocessing())
+    models.load_model = lambda name, weights=None, **_: (make_model("plain"), Preprocessing())
+    models.EMBEDDED_MODELS, models.DEFAULT_MODEL = {"toy": None}, "toy"
+
+    def load_default_eval(dataset=None, masks=False, preprocessing=None):
+        images, labels = tiny_data(4)
+        return (
+            (images, labels, torch.ones(4, 1, 32, 32, dtype=torch.bool).tril())
+            if masks
+            else (images, labels)
+        )
+
     data = types.ModuleType("class_space_saliency.data")
-    data.load_default_eval = lambda preprocessing=None: tiny_data(4)
+    data.load_default_eval = load_default_eval
     monkeypatch.setitem(sys.modules, "class_space_saliency.models", models)
     monkeypatch.setitem(sys.modules, "class_space_saliency.data", data)
     parser = argparse.ArgumentParser()
@@ -395,7 +425,11 @@ def test_benchmark_command(tmp_path, monkeypatch, capsys):
         "sobel",
         "intensity",
     ]
-    assert (defaults.protocols, defaults.n, defaults.model) == (CLI_PRESETS, 1000, "default")
+    assert (defaults.protocols, defaults.num_images, defaults.model) == (
+        CLI_PRESETS,
+        1000,
+        "default",
+    )
     args = parser.parse_args(
         [
             "benchmark",
@@ -403,7 +437,7 @@ def test_benchmark_command(tmp_path, monkeypatch, capsys):
             "class_space",
             "--protocols",
             "vilas2023/positive",
-            "--n",
+            "--num-images",
             "3",
             "--out",
             str(tmp_path / "a"),
@@ -415,12 +449,13 @@ def test_benchmark_command(tmp_path, monkeypatch, capsys):
     )
     assert args.func(args) == 0
     assert "clean accuracy" in capsys.readouterr().out
-    assert len(load_records(tmp_path / "a")) == 3
-    args = parser.parse_args(
-        ["benchmark", "--methods", "no_such_method", "--out", str(tmp_path / "b")]
+    records = load_records(tmp_path / "a")  # the embedded set has masks: localisation too
+    assert (
+        sorted(r["protocol"] for r in records) == ["localisation"] * 3 + ["vilas2023/positive"] * 3
     )
-    assert args.func(args) == 2
-    assert "no_such_method" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["benchmark", "--methods", "no_such_method"])
+    assert exited.value.code == 2 and "no_such_method" in capsys.readouterr().err
     args = parser.parse_args(
         [
             "benchmark",
@@ -436,3 +471,40 @@ def test_benchmark_command(tmp_path, monkeypatch, capsys):
     )
     assert args.func(args) == 0
     assert "truncated.jpg" in (tmp_path / "c" / "report.md").read_text()
+    out = capsys.readouterr()
+    records = load_records(tmp_path / "c")
+    assert {r["label"] for r in records if "label" in r} <= {0, 2}  # Dog -> 0, Cat -> 2
+    accuracy = float(out.out.split("clean accuracy ")[1].split()[0])
+    assert ("below twice chance" in out.err) == (accuracy < 2 / 7)
+
+    (tmp_path / "img" / "fish").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img" / "fish" / "0.png")
+    args = parser.parse_args(
+        ["benchmark", "--data", str(tmp_path / "img"), "--out", str(tmp_path / "d")]
+    )
+    assert args.func(args) == 2
+    assert "['fish']" in capsys.readouterr().err
+    args = parser.parse_args(
+        ["benchmark", "--data", str(tmp_path / "img"), "--labels-by-index", "--methods", "sobel",
+         "--protocols", "chefer2021/negative", "--out", str(tmp_path / "e")]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    assert {r["label"] for r in load_records(tmp_path / "e") if "label" in r} == {0, 1, 2}
+    capsys.readouterr()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("class_space_saliency.evaluation.cli.run_benchmark", interrupted)
+    args = parser.parse_args(["benchmark", "--num-images", "3", "--out", str(tmp_path / "a")])
+    assert args.func(args) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "3 of 3 images are saved" in err and "resume" in err
+
+
+def test_balanced_order_prefixes_are_class_balanced_and_grow():
+    labels = [0] * 10 + [1] * 3 + [2] * 6
+    order = balanced_order(labels, seed=4)
+    assert sorted(order) == list(range(19)) and order == balanced_order(labels, seed=4)
+    assert sorted(labels[i] for i in order[:6]) == [0, 0, 1, 1, 2, 2]
+    assert order != balanced_order(labels, seed=5)

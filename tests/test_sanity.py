@@ -173,5 +173,5 @@ def test_sanity_command(tmp_path, capsys):
     assert (out / "sanity.txt").read_text().startswith("mean Spearman")
     assert (out / "sanity.png").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
-    assert main(["sanity", "--n", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert main(["sanity", "--num-images", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "n must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()

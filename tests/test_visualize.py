@@ -73,7 +73,7 @@ def test_figures_have_the_expected_panels():
     images = [GREY, GREY]
     maps = {"a": torch.rand(2, 1, 3, 4), "b": torch.rand(2, 3, 4)}
     figure = saliency_grid(images, maps, row_titles=["x", "y"])
-    assert len(figure.axes) == 2 * 3
+    assert len(figure.axes) == 2 * 3 + 1  # panels + colour bar
     result = Identifiability(
         layers=[0, 1],
         token_rank=torch.tensor([0.5, 0.9]),
@@ -85,3 +85,32 @@ def test_figures_have_the_expected_panels():
     figure = plot_identifiability(result)
     lines = figure.axes[0].get_lines()
     np.testing.assert_allclose(lines[0].get_ydata(), [10.0, 60.0])
+
+
+def test_overlay_figure_has_a_colour_bar_in_map_units():
+    from class_space_saliency.visualize import overlay_figure
+
+    saliency = np.array([[-0.5, 0.25], [1.0, 0.0]])
+    figure = overlay_figure(GREY, saliency, colormap="viridis", box=(2, 1, 14, 11))
+    bar = figure.axes[1]
+    assert bar.get_ylim() == pytest.approx((-1.0, 1.0))  # symmetric: +-max|s|
+    assert any("symmetric" in t.get_text() for t in figure.texts)
+    figure = overlay_figure(GREY, np.abs(saliency))
+    assert figure.axes[1].get_ylim() == pytest.approx((0.0, 1.0))
+    assert any("min to max" in t.get_text() for t in figure.texts)
+
+
+def test_saliency_grid_has_colour_bar_and_scaling_note():
+    maps = {"pos": np.random.rand(2, 1, 3, 3), "signed": np.random.rand(2, 1, 3, 3) - 0.5}
+    figure = saliency_grid([GREY, GREY], maps)
+    assert len(figure.axes) == 2 * 3 + 1  # panels + colour bar
+    assert any("scaled on its own" in t.get_text() for t in figure.texts)
+    marks = [t for ax in figure.axes for t in ax.texts if t.get_text() == "±"]
+    assert len(marks) == 2  # the two signed panels
+
+
+def test_overlay_on_a_box_dims_what_the_model_did_not_see():
+    saliency = np.ones((2, 2))
+    rgb = overlay(np.full((10, 20), 200, np.uint8), saliency, alpha=0.5, box=(5, 0, 15, 10))
+    assert (rgb[:, :5] == 100).all() and (rgb[:, 15:] == 100).all()
+    assert not (rgb[:, 5:15] == 100).all()

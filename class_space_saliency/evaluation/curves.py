@@ -20,11 +20,10 @@ import torchvision.transforms.functional as TF
 from torch import nn
 
 from .._seeding import image_generator
+from ..adapters import find_token_path
 from ..methods.base import upsample_maps
 from .imputation import noisy_linear_impute
 from .protocols import Protocol
-
-TOKEN_MODEL_PARTS = ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head")
 
 
 def curve_x(protocol: Protocol, num_points: int) -> list[float]:
@@ -171,39 +170,22 @@ def baseline_images(
 def check_token_model(model: nn.Module) -> None:
     """Raise ``TypeError`` unless tokens can be removed from ``model``'s sequence.
 
-    Token removal needs a timm-style ViT: ``patch_embed``, ``_pos_embed`` (optionally
-    ``patch_drop``, ``norm_pre``), ``blocks``, ``norm``, ``forward_head`` and
-    ``num_prefix_tokens``.
+    The model's family adapter says how its tokens are embedded and classified (see
+    :func:`~class_space_saliency.adapters.find_token_path`); timm-style ViTs need
+    ``patch_embed``, ``_pos_embed`` (optionally ``patch_drop``, ``norm_pre``), ``blocks``,
+    ``norm``, ``forward_head`` and ``num_prefix_tokens``.
     """
-    missing = [
-        name for name in (*TOKEN_MODEL_PARTS, "num_prefix_tokens") if not hasattr(model, name)
-    ]
-    if missing:
-        raise TypeError(
-            f"token removal is not supported for {type(model).__name__}: it needs a timm-style "
-            f"VisionTransformer, missing {missing}; use a pixel or patch protocol instead"
-        )
+    find_token_path(model)
 
 
 def embed_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Token sequence (B, prefix + N, D) after position embeddings (and ``norm_pre``)."""
-    tokens = model.patch_embed(images)
-    tokens = model._pos_embed(tokens)
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
-        raise TypeError(
-            f"token removal is not supported for {type(model).__name__}: _pos_embed must "
-            "return one (B, N, D) tensor"
-        )
-    for name in ("patch_drop", "norm_pre"):
-        tokens = getattr(model, name, nn.Identity())(tokens)
-    return tokens
+    return find_token_path(model).embed(images)
 
 
 def classify_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Logits from a (shortened) token sequence: blocks, final norm, the model's head."""
-    for block in model.blocks:
-        tokens = block(tokens)
-    return model.forward_head(model.norm(tokens))
+    return find_token_path(model).classify(tokens)
 
 
 def _image_forward(
@@ -249,7 +231,8 @@ def _token_forward(
     model: nn.Module, tokens: torch.Tensor
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Forward of token sequences that keep the prefix and the visible image tokens."""
-    prefix = int(model.num_prefix_tokens)
+    path = find_token_path(model)
+    prefix = path.num_prefix_tokens
 
     def forward(rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         count = int(visible[0].sum())  # every row of a chunk keeps as many tokens
@@ -257,7 +240,7 @@ def _token_forward(
         image_tokens = tokens[rows, prefix:]
         index = kept[..., None].expand(-1, -1, image_tokens.shape[-1])
         sequence = torch.cat([tokens[rows, :prefix], image_tokens.gather(1, index)], 1)
-        return classify_tokens(model, sequence)
+        return path.classify(sequence)
 
     return forward
 
@@ -309,9 +292,9 @@ def perturbation_scores(
     x, counts = step_counts(protocol, num_units)
     insertion = protocol.mode == "insertion"
     if protocol.unit == "token":
-        check_token_model(model)
-        tokens = embed_tokens(model, images)
-        prefix = int(model.num_prefix_tokens)
+        path = find_token_path(model)
+        tokens = path.embed(images)
+        prefix = path.num_prefix_tokens
         if tokens.shape[1] - prefix != num_units:
             raise ValueError(
                 f"maps have {num_units} patches but the model made "

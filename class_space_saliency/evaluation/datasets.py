@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -89,6 +89,11 @@ class ImageFolderDataset(Dataset):
             digest.update(path.read_bytes() if path.is_file() else b"missing")
         return digest.hexdigest()[:16]
 
+    @property
+    def labels(self) -> list[int]:
+        """The label of every item, without reading the images."""
+        return [label for _, label in self.samples]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         """The preprocessed image and label; ``UnreadableImageError`` for a broken file."""
         path, label = self.samples[index]
@@ -98,6 +103,87 @@ class ImageFolderDataset(Dataset):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise UnreadableImageError(path, f"{type(error).__name__}: {error}") from error
         return self.transform(rgb), label
+
+
+def match_class_folders(
+    folders: Sequence[str], class_names: Sequence[str] | None, by_index: bool = False
+) -> dict[str, int]:
+    """Label of each class folder: its class in the model's class names.
+
+    A folder matches a class by name or synonym, case-insensitively, with ``_`` read as a
+    space (``tabby_cat``); ImageNet WordNet-id folders (``n02123045``) match a 1000-class
+    model's classes through timm's ImageNet info.
+
+    Args:
+        folders: Names of the class folders.
+        class_names: The model's class names (``None`` where unknown).
+        by_index: Number the folders in sorted name order instead (no matching).
+
+    Returns:
+        ``{folder: class index}``.
+
+    Raises:
+        ValueError: For folders that match no class (at most 10 are named), or unknown
+            class names without ``by_index``.
+    """
+    from ..classes import MAX_CANDIDATES, class_index, imagenet_synsets
+
+    folders = sorted(folders)
+    if by_index:
+        if class_names is not None and len(folders) > len(class_names):
+            raise ValueError(
+                f"{len(folders)} class folders but the model has {len(class_names)} classes"
+            )
+        return {name: i for i, name in enumerate(folders)}
+    if class_names is None:
+        raise ValueError(
+            "the model's class names are unknown, so class folders cannot be matched to its "
+            "classes; give class names (--class-names FILE) or number the folders in sorted "
+            "order (--labels-by-index)"
+        )
+    synsets = imagenet_synsets() if len(class_names) == 1000 else ()
+    matched, unmatched = {}, []
+    for folder in folders:
+        if folder in synsets:
+            matched[folder] = synsets.index(folder)
+            continue
+        for query in dict.fromkeys((folder, folder.replace("_", " "))):
+            try:
+                matched[folder] = class_index(query, class_names)
+                break
+            except ValueError:
+                continue
+        else:
+            unmatched.append(folder)
+    if unmatched:
+        raise ValueError(
+            f"{len(unmatched)} of {len(folders)} class folders match none of the model's "
+            f"{len(class_names)} class names: {unmatched[:MAX_CANDIDATES]}; rename them, give "
+            "--class-names FILE, or number folders in sorted order with --labels-by-index"
+        )
+    return matched
+
+
+def balanced_order(labels: Sequence[int], seed: int = 0) -> list[int]:
+    """A seeded order of the items that takes the classes in turn.
+
+    Each class's items are shuffled (seeded); the order then takes one item of each class
+    in turn, so every prefix is a class-balanced sample, and a longer prefix extends a
+    shorter one (a run can grow).
+
+    Example:
+        >>> balanced_order([0, 0, 0, 1], seed=0)  # e.g. [2, 3, 0, 1]
+    """
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(list(labels), dtype=torch.long)
+    queues = []
+    for label in labels.unique().tolist():
+        members = torch.nonzero(labels == label).flatten()
+        queues.append(members[torch.randperm(len(members), generator=generator)].tolist())
+    order = []
+    for turn in range(max((len(q) for q in queues), default=0)):
+        order.extend(q[turn] for q in queues if turn < len(q))
+    return order
 
 
 def _update(digest: hashlib._Hash, tensor: torch.Tensor) -> None:
@@ -155,12 +241,26 @@ class TensorPairDataset(Dataset):
         return digest.hexdigest()[:16]
 
 
+def has_masks(dataset: Dataset) -> bool:
+    """Whether the items of ``dataset`` (or of the dataset a ``Subset`` takes) carry masks."""
+    if isinstance(dataset, Subset):
+        return has_masks(dataset.dataset)
+    return bool(getattr(dataset, "has_masks", False))
+
+
 def dataset_fingerprint(dataset: Dataset, n: int) -> str:
     """A hash of the first ``n`` items: the dataset's ``fingerprint(n)`` where it has one.
 
-    Other datasets are read item by item (images, labels, masks; an unreadable item
-    contributes its path and reason).
+    A ``Subset`` hashes its indices and the whole dataset it takes from; other datasets are
+    read item by item (images, labels, masks; an unreadable item contributes its path and
+    reason).
     """
+    if isinstance(dataset, Subset):
+        inner = dataset_fingerprint(dataset.dataset, len(dataset.dataset))
+        indices = torch.as_tensor(list(dataset.indices[:n]), dtype=torch.long)
+        digest = hashlib.sha256(inner.encode())
+        _update(digest, indices)
+        return digest.hexdigest()[:16]
     if hasattr(dataset, "fingerprint"):
         return dataset.fingerprint(n)
     digest = hashlib.sha256()

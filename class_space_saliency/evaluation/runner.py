@@ -10,6 +10,8 @@ and writes its own shard; rank 0 writes the report once all ranks are done.
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol as TypingProtocol
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..methods import create_method
 from .curves import area_under_curve, check_token_model, perturbation_scores
-from .datasets import UnreadableImageError, as_dataset, dataset_fingerprint
+from .datasets import UnreadableImageError, as_dataset, dataset_fingerprint, has_masks
 from .distributed import shard_from_env
 from .localisation import localisation
 from .protocols import Protocol, protocol_to_dict, resolve_protocols
@@ -76,6 +78,10 @@ def build_methods(
     if not built:
         raise ValueError("no methods given")
     return built, described
+
+
+def _stored(store: ResultStore) -> dict:
+    return json.loads(store.config_path.read_text())
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -273,7 +279,7 @@ def run_benchmark(
     n_images = len(dataset) if n is None else min(int(n), len(dataset))
     device = _model_device(model)
     built, described = build_methods(model, methods, method_kwargs)
-    has_masks = bool(getattr(dataset, "has_masks", False))
+    masked = has_masks(dataset)
     config = {
         "format": 2,
         "model": {
@@ -283,8 +289,8 @@ def run_benchmark(
         "dataset": {
             "type": type(dataset).__name__,
             "size": len(dataset),
-            "fingerprint": dataset_fingerprint(dataset, n_images),
-            "masks": has_masks,
+            "fingerprint": dataset_fingerprint(dataset, len(dataset)),
+            "masks": masked,
         },
         "n": n_images,
         "seed": seed,
@@ -294,17 +300,25 @@ def run_benchmark(
         "protocols": [protocol_to_dict(p) for p in protocols],
     }
     wanted = [(name, p.name) for name in built for p in protocols]
-    if has_masks:
+    if masked:
         wanted += [(name, LOCALISATION) for name in built]
 
     with shard_from_env(device) as shard:
         store = ResultStore(out_dir, shard.rank)
-        store.check_config(config)
+        merged = store.check_config(config)
         shard.barrier()  # every rank has checked before rank 0 writes
-        if shard.rank == 0 and not store.config_path.exists():
-            store.write_config(config)
+        if shard.rank == 0 and (not store.config_path.exists() or merged != _stored(store)):
+            store.write_config(merged)
         store.repair()
         done = {record_key(r) for r in load_records(out_dir)}
+        if done and progress and shard.rank == 0:
+            finished = sum(all((i, *w) in done for w in wanted) for i in range(n_images))
+            skipped = len({r[0] for r in done if r[1] is None and r[0] < n_images})
+            print(
+                f"resuming {out_dir}: {finished} of {n_images} images already done for every "
+                f"method and protocol asked, {skipped} unreadable; computing the rest",
+                file=sys.stderr,
+            )
         curve_options = dict(
             mean=tuple(mean),
             std=tuple(std),

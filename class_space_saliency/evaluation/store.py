@@ -54,6 +54,34 @@ def _normalise(config: dict) -> dict:
     return json.loads(json.dumps(config))
 
 
+GROWABLE = ("n", "methods", "protocols")
+"""Config entries a run folder accepts more of on a rerun."""
+
+
+def merge_configs(stored: dict, wanted: dict) -> dict:
+    """``stored`` grown by ``wanted``: the larger ``n``, the union of methods and protocols.
+
+    Raises:
+        ValueError: Naming the entries that differ otherwise (including a method or
+            protocol of the same name with other settings).
+    """
+    stored, wanted = _normalise(stored), _normalise(wanted)
+    keys = sorted(
+        k
+        for k in stored.keys() | wanted.keys()
+        if k not in GROWABLE and stored.get(k) != wanted.get(k)
+    )
+    merged = dict(stored, n=max(stored["n"], wanted["n"]))
+    for key in ("methods", "protocols"):
+        merged[key] = stored[key] + [item for item in wanted[key] if item not in stored[key]]
+        names = [item["name"] for item in merged[key]]
+        if len(set(names)) != len(names):
+            keys.append(key)
+    if keys:
+        raise ValueError(f"differs in {sorted(keys)}")
+    return merged
+
+
 class ResultStore:
     """Config and result shards of one benchmark run.
 
@@ -74,20 +102,26 @@ class ResultStore:
         self.config_path = self.out_dir / CONFIG_FILE
         self.shard_path = self.out_dir / f"results.rank{rank}.jsonl"
 
-    def check_config(self, config: dict) -> None:
-        """Raise ``ValueError`` if the folder holds a run with a different config."""
+    def check_config(self, config: dict) -> dict:
+        """The config to run under: ``config``, or the stored one grown by it.
+
+        A run may grow in the same folder (more images, more methods, more protocols);
+        any other difference raises ``ValueError``.
+
+        Returns:
+            The merged config (``n`` the larger, methods and protocols the union).
+        """
         if not self.config_path.exists():
-            return
+            return _normalise(config)
         stored = json.loads(self.config_path.read_text())
-        wanted = _normalise(config)
-        if stored != wanted:
-            keys = sorted(
-                k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k)
-            )
+        try:
+            return merge_configs(stored, config)
+        except ValueError as error:
             raise ValueError(
                 f"{self.out_dir} holds results of a different benchmark configuration "
-                f"(differs in {keys}); use another output folder or delete it to start over"
-            )
+                f"({error}); a run can only grow (more images, methods, protocols): use another "
+                "output folder or delete it to start over"
+            ) from None
 
     def write_config(self, config: dict) -> None:
         """Write ``config.json`` atomically (temporary file, then rename)."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .._validation import check_choice
+from ..adapters import UnsupportedModelError
 from ..anatomy import ViTAnatomy
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -42,30 +43,28 @@ def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tens
     return attention.amin(1)
 
 
-def image_token_row(matrix: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """The [CLS] query row of token-to-token scores (B, N, N), at image-token columns.
+def image_token_row(matrix: torch.Tensor, anatomy: ViTAnatomy) -> torch.Tensor:
+    """The query rows the head reads, of token-to-token scores (B, N, N), at image columns.
 
-    Models with prefix tokens read row 0 ([CLS]) at the columns after the
-    ``num_prefix_tokens`` prefix tokens (distillation and register tokens are dropped).
-    Models without any prefix token (average-pooled, no [CLS]) classify the mean of the
-    image tokens, so their map is the mean over the image-token query rows instead.
+    A model whose head reads [CLS] gets row 0; DeiT distilled models the mean of rows 0 and
+    1 (their two heads are averaged); pooled models (``global_pool="avg"``, with or without
+    [CLS], with registers) the mean over the pooled image-token rows, never a register's.
+    Prefix columns ([CLS], distillation, registers) are dropped.
 
     Args:
         matrix: (B, N, N), rows = queries, columns = keys.
-        num_prefix_tokens: Tokens before the image tokens.
+        anatomy: The model's anatomy (its :class:`~class_space_saliency.adapters.Readout`).
 
     Returns:
         (B, N - num_prefix_tokens) scores of the image tokens.
     """
-    if num_prefix_tokens >= 1:
-        return matrix[:, 0, num_prefix_tokens:]
-    return matrix.mean(1)
+    return anatomy.read_rows(matrix)
 
 
 def check_attention_support(
     method: str, anatomy: ViTAnatomy, model: nn.Module, differentiable: bool = False
 ) -> None:
-    """Raise ``TypeError`` where ``method`` cannot read (differentiable) attention.
+    """Raise ``UnsupportedModelError`` where ``method`` cannot read (differentiable) attention.
 
     Args:
         method: The method's name, for the message.
@@ -75,17 +74,20 @@ def check_attention_support(
             probabilities; torchvision's ``nn.MultiheadAttention`` returns averaged-off
             copies of its weights that are not on the gradient path of the output.
     """
-    modules = anatomy.attention_modules
-    if modules is None:
-        raise TypeError(
-            f"{method} needs the attention probabilities of every block, but no supported "
-            f"attention modules were found in {type(model).__name__} (timm Attention with "
-            "attn_drop, or torchvision nn.MultiheadAttention)"
+    if anatomy.attention_modules is None:
+        reason = anatomy.attention_reason or (
+            "no supported attention modules were found (timm Attention with attn_drop, "
+            "torchvision nn.MultiheadAttention or Hugging Face eager attention)"
         )
-    if differentiable and any(isinstance(m, nn.MultiheadAttention) for m in modules):
-        raise TypeError(
-            f"{method} needs differentiable attention probabilities, which only timm-style "
-            f"attention modules expose ({type(model).__name__} uses nn.MultiheadAttention, "
+        raise UnsupportedModelError(
+            f"{method} needs the attention probabilities of every block of "
+            f"{type(model).__name__}: {reason}"
+        )
+    if differentiable and anatomy.attention_kind == "mha":
+        raise UnsupportedModelError(
+            f"{method} needs differentiable attention probabilities, which timm-style and "
+            "Hugging Face eager attention expose "
+            f"({type(model).__name__} uses nn.MultiheadAttention, "
             "whose returned weights are not on the gradient path); use AttentionRollout "
             "or GradCAM for this model"
         )
@@ -98,5 +100,5 @@ def record_attention(
     """Attention probabilities (B, heads, N, N) of ``blocks`` from one forward pass, in order."""
     blocks = list(blocks)
     with anatomy.capture(attention=blocks) as cap:
-        cap.output = anatomy.model(inputs)
+        cap.output = anatomy.forward(inputs)
     return [cap.attention[b] for b in blocks]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from torch import nn
 
 from .._validation import TargetType, check_inputs, check_target
 from ..anatomy import ViTAnatomy
+from ..classes import class_index
 
 
 def upsample_maps(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -28,6 +31,79 @@ def tokens_to_grid(values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return values.reshape(values.shape[0], *grid)
 
 
+def input_shaped_maps(maps: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) maps -> (B, C, H, W): upsampled to ``inputs`` and repeated over channels.
+
+    Captum's metrics (``infidelity``) and Quantus-style code expect attributions with the
+    shape of the inputs; every channel of a pixel gets the map value of that pixel.
+    """
+    if maps.shape[1] != 1:
+        raise ValueError(
+            f"input_shaped=True needs one map per image, got {maps.shape[1]} "
+            "(per_layer=True cannot be combined with input_shaped=True)"
+        )
+    if maps.shape[-2:] != inputs.shape[-2:]:
+        maps = upsample_maps(maps, inputs.shape[-2:])
+    return maps.expand(-1, inputs.shape[1], -1, -1).contiguous()
+
+
+def _resolve_target_names(target: object, class_names: Sequence[str] | None) -> TargetType:
+    """Class names in ``target`` (a str or a list of str) -> class indices."""
+    names = [target] if isinstance(target, str) else target
+    if not isinstance(names, (list, tuple)) or not any(isinstance(n, str) for n in names):
+        return target
+    if class_names is None:
+        raise TypeError(
+            f"target {target!r} is a class name, but this explainer knows no class names; "
+            "pass class_names=... to the explainer (e.g. preprocessing.class_names) or an index "
+            "from Preprocessing.class_index"
+        )
+    indices = [class_index(n, class_names) if isinstance(n, str) else n for n in names]
+    return indices[0] if isinstance(target, str) else indices
+
+
+def _captum_compatible(attribute: Callable) -> Callable:
+    """Wrap a subclass's ``attribute`` for Captum and for the options every method shares.
+
+    Captum's ``NoiseTunnel`` calls ``attribute.__wrapped__`` (Captum's own methods carry a
+    logging decorator), so the wrapper exposes a ``__wrapped__`` that does the full work:
+    class names as targets and ``input_shaped=True``.
+    """
+
+    @functools.wraps(attribute)
+    def full(self, inputs, *args, input_shaped: bool = False, **kwargs):
+        if "target" in kwargs:
+            kwargs["target"] = _resolve_target_names(kwargs["target"], self.class_names)
+        elif args:
+            args = (_resolve_target_names(args[0], self.class_names), *args[1:])
+        if not isinstance(input_shaped, bool):
+            raise TypeError(f"input_shaped must be a bool, got {input_shaped!r}")
+        maps = attribute(self, inputs, *args, **kwargs)
+        if not input_shaped:
+            return maps
+        if isinstance(inputs, tuple):
+            return (input_shaped_maps(maps[0], inputs[0]),)
+        return input_shaped_maps(maps, inputs)
+
+    full.__signature__ = _with_input_shaped(inspect.signature(attribute))
+
+    @functools.wraps(full)
+    def outer(self, inputs, *args, **kwargs):
+        return full(self, inputs, *args, **kwargs)
+
+    return outer
+
+
+def _with_input_shaped(signature: inspect.Signature) -> inspect.Signature:
+    parameters = list(signature.parameters.values())
+    extra = inspect.Parameter(
+        "input_shaped", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"
+    )
+    keep = [p for p in parameters if p.kind != inspect.Parameter.VAR_KEYWORD]
+    rest = [p for p in parameters if p.kind == inspect.Parameter.VAR_KEYWORD]
+    return signature.replace(parameters=[*keep, extra, *rest])
+
+
 class SaliencyMethod(Attribution):
     """Base of all methods: ``attribute(inputs, target)`` -> (B, 1, h, w) patch maps.
 
@@ -36,8 +112,16 @@ class SaliencyMethod(Attribution):
     ``max_batch_size``, optionally upsamples to the input resolution and returns the maps
     as float32 on the input's device.
 
+    Every ``attribute`` also takes ``input_shaped=True`` (maps upsampled to the input and
+    repeated over its channels, (B, C, H, W), for Captum's ``infidelity`` and similar
+    metrics) and class names as ``target`` where the explainer knows them. Subclasses'
+    ``attribute`` methods are wrapped for this (and for Captum's ``NoiseTunnel``)
+    automatically.
+
     Args:
         model: A supported ViT (see :class:`~class_space_saliency.anatomy.ViTAnatomy`).
+        class_names: Names of the model's classes, so that targets can be given by name
+            (case-insensitive; any synonym of an ImageNet description).
         **anatomy_overrides: ``blocks``, ``norm``, ``head``, ``num_prefix_tokens``,
             ``patch_size``, ``img_size`` for custom models.
     """
@@ -45,9 +129,20 @@ class SaliencyMethod(Attribution):
     cost: str = ""
     """What one call costs, e.g. ``"forward only"`` (quoted in the README)."""
 
-    def __init__(self, model: nn.Module, **anatomy_overrides) -> None:
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "attribute" in cls.__dict__:
+            cls.attribute = _captum_compatible(cls.__dict__["attribute"])
+
+    def __init__(
+        self,
+        model: nn.Module,
+        class_names: Sequence[str] | None = None,
+        **anatomy_overrides,
+    ) -> None:
         super().__init__(model)
         self.model = model
+        self.class_names = None if class_names is None else tuple(class_names)
         self.anatomy = ViTAnatomy.from_model(model, **anatomy_overrides)
         self._num_classes: int | None = None
 
@@ -111,7 +206,7 @@ class SaliencyMethod(Attribution):
         Args:
             inputs: Normalised images (B, C, H, W).
             target: Class per example: ``None`` (predicted class), an int, a list of ints or
-                a 1-D int tensor of length B.
+                a 1-D int tensor of length B; class names where the explainer knows them.
             upsample: Return (B, 1, H, W) maps, bilinearly upsampled to the input size.
             max_batch_size: Images per forward pass (bounded memory for large batches).
 
@@ -119,3 +214,5 @@ class SaliencyMethod(Attribution):
             float32 maps (B, 1, h, w) on the input's device; higher = more important.
         """
         return self._attribute_batched(inputs, target, upsample, max_batch_size)
+
+    attribute = _captum_compatible(attribute)

@@ -47,8 +47,8 @@ class CheferRollout(SaliencyMethod):
     One forward pass records every block's attention probabilities, one backward pass
     takes the gradient of the target logit (the model's output) w.r.t. all of them (each
     gradient flows through every later block), and :func:`gradient_weighted_rollout`
-    combines them. The map is row 0 ([CLS]) of the relevance at the image-token columns;
-    models without a [CLS] token (average-pooled) get the mean over the image-token rows.
+    combines them. The map is the row(s) of the relevance that the head reads ([CLS], or
+    the mean over the image-token rows of pooled models), at the image-token columns.
 
     Needs differentiable attention probabilities: timm ViTs only (torchvision's
     ``nn.MultiheadAttention`` weights are not on the gradient path; a ``TypeError`` says
@@ -80,7 +80,7 @@ class CheferRollout(SaliencyMethod):
         leaf = inputs.detach().requires_grad_(True)
         with torch.enable_grad():
             with self.anatomy.capture(attention=blocks) as cap:
-                cap.output = self.model(leaf)
+                cap.output = self.anatomy.forward(leaf)
             if target is None:
                 target = cap.output.argmax(-1)
             score = cap.output.gather(1, target[:, None]).sum()
@@ -88,5 +88,5 @@ class CheferRollout(SaliencyMethod):
             gradients = torch.autograd.grad(score, attentions)
         with torch.no_grad():
             relevance = gradient_weighted_rollout(attentions, gradients)
-        row = image_token_row(relevance, self.anatomy.num_prefix_tokens)
+        row = image_token_row(relevance, self.anatomy)
         return tokens_to_grid(row.detach(), grid).unsqueeze(1)

@@ -19,7 +19,9 @@ class ClassSpaceSaliency(SaliencyMethod):
     """Saliency from the class-space projection of image tokens, in one forward pass.
 
     The map of block ``b`` is the target class's score of ``head(norm(x_i^b))`` for each
-    image token ``x_i^b``, on the patch grid. No gradients and no autograd graph.
+    image token ``x_i^b``, on the patch grid. No gradients and, by default, no autograd
+    graph; with ``differentiable=True`` the maps keep the graph (to the inputs and the
+    model's parameters), so that they can enter a training loss.
 
     Args:
         model: A supported ViT.
@@ -28,6 +30,7 @@ class ClassSpaceSaliency(SaliencyMethod):
             before the residual add, after layer scale).
         score: ``"logit"``, ``"probability"`` or ``"rank"`` (``1 - rank/C``, 1 = top-1).
         combine: How maps of several blocks combine into one: ``"mean"`` or ``"sum"``.
+        differentiable: Keep the autograd graph (``rank`` scores have zero gradient).
         **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
 
     Example:
@@ -45,6 +48,7 @@ class ClassSpaceSaliency(SaliencyMethod):
         component: str = "residual",
         score: str = "logit",
         combine: str = "mean",
+        differentiable: bool = False,
         **anatomy_overrides,
     ) -> None:
         super().__init__(model, **anatomy_overrides)
@@ -52,6 +56,9 @@ class ClassSpaceSaliency(SaliencyMethod):
         self.component = check_choice("component", component, COMPONENTS)
         self.score = check_choice("score", score, SCORES)
         self.combine = check_choice("combine", combine, COMBINES)
+        if not isinstance(differentiable, bool):
+            raise TypeError(f"differentiable must be a bool, got {differentiable!r}")
+        self.differentiable = differentiable
 
     def attribute(
         self,
@@ -94,13 +101,26 @@ class ClassSpaceSaliency(SaliencyMethod):
             combine=check_choice("combine", combine or self.combine, COMBINES),
         )
 
-    @torch.no_grad()
     def _attribute(
         self,
         inputs: torch.Tensor,
         target: torch.Tensor | None,
         grid: tuple[int, int],
         *,
+        layers: list[int],
+        component: str,
+        score: str,
+        per_layer: bool,
+        combine: str,
+    ) -> torch.Tensor:
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            return self._maps(inputs, target, grid, layers, component, score, per_layer, combine)
+
+    def _maps(
+        self,
+        inputs: torch.Tensor,
+        target: torch.Tensor | None,
+        grid: tuple[int, int],
         layers: list[int],
         component: str,
         score: str,
@@ -120,7 +140,7 @@ class ClassSpaceSaliency(SaliencyMethod):
         reduce = image_tokens if target is None else image_scores
         unique = list(dict.fromkeys(layers))
         with self.anatomy.capture([(component, b) for b in unique], reduce=reduce) as cap:
-            cap.output = self.model(inputs)
+            cap.output = self.anatomy.forward(inputs)
         if target is None:
             target = cap.output.argmax(-1)
             for key, tokens in cap.tokens.items():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validation import TargetType
+from ..adapters import UnsupportedModelError
 from ._attention import check_attention_support
 from .base import SaliencyMethod, tokens_to_grid
 
@@ -24,7 +25,8 @@ class ClassSpaceAttentionGradient(SaliencyMethod):
     attention probabilities).
 
     Args:
-        model: A supported timm ViT with a [CLS] token.
+        model: A supported ViT whose head reads a [CLS] token (timm, BEiT/EVA with
+            ``global_pool="token"``, Hugging Face ViT-like models with eager attention).
         layer: Blocks to sum over (int, list or ``"all"``, the default as in the paper).
         paper_exact: Apply softmax before the cross-entropy (the official code's double
             softmax) instead of the plain cross-entropy of the logits.
@@ -46,10 +48,12 @@ class ClassSpaceAttentionGradient(SaliencyMethod):
         super().__init__(model, **anatomy_overrides)
         self.layer = self.anatomy.resolve_layers(layer)
         self.paper_exact = bool(paper_exact)
-        if self.anatomy.num_prefix_tokens < 1:
-            raise TypeError(
-                f"{type(self).__name__} needs a [CLS] token; this model has no prefix tokens "
-                "(average-pooled); use ClassSpaceSaliency instead"
+        if self.anatomy.readout.cls_index is None:
+            raise UnsupportedModelError(
+                f"{type(self).__name__} needs a [CLS] token that the classifier head reads; "
+                f"the head of {type(model).__name__} reads "
+                f"{self.anatomy.readout.describe()} (pooled image tokens; a [CLS] or "
+                "register token there never reaches the head); use ClassSpaceSaliency instead"
             )
         check_attention_support(type(self).__name__, self.anatomy, model, differentiable=True)
 
@@ -95,21 +99,22 @@ class ClassSpaceAttentionGradient(SaliencyMethod):
         paper_exact: bool,
     ) -> torch.Tensor:
         prefix = self.anatomy.num_prefix_tokens
+        cls = self.anatomy.readout.cls_index
         blocks = list(dict.fromkeys(layers))
         # A leaf input that requires grad builds the graph without touching parameter flags.
         leaf = inputs.detach().requires_grad_(True)
         branches = [("attention", b) for b in blocks]
         with torch.enable_grad():
             with self.anatomy.capture(branches, attention=blocks) as cap:
-                cap.output = self.model(leaf)
+                cap.output = self.anatomy.forward(leaf)
             if target is None:
                 target = cap.output.argmax(-1)
             importance = 0.0
             for block in blocks:
-                logits = self.anatomy.project(cap.tokens[("attention", block)][:, 0]).float()
+                logits = self.anatomy.project(cap.tokens[("attention", block)][:, cls]).float()
                 if paper_exact:
                     logits = logits.softmax(-1)
                 loss = F.cross_entropy(logits, target, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, cap.attention[block], retain_graph=True)
-                importance = importance - grad[:, :, 0, prefix:].sum(1).float()
+                importance = importance - grad[:, :, cls, prefix:].sum(1).float()
         return tokens_to_grid(importance.detach(), grid).unsqueeze(1)

@@ -1,16 +1,24 @@
 """Control maps that know nothing of the model: random noise, Sobel edges, brightness.
 
 A faithful method must beat them; they validate inputs like every method (the model's
-anatomy gives the patch grid and the number of classes) but never run the model.
+anatomy gives the patch grid and the number of classes) but never run the model. They work
+on any image classifier: models that no adapter supports (a CNN, ...) name the grid and the
+classes, ``SobelSaliency(cnn, patch_size=8, num_classes=10)``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._seeding import image_generator
+from ..adapters import UnsupportedModelError
+from ..adapters.base import pair
+from ..anatomy import patch_grid
 from .base import SaliencyMethod
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
@@ -33,7 +41,59 @@ def pool_to_grid(
     return F.avg_pool2d(values, (ph, pw))
 
 
-class RandomSaliency(SaliencyMethod):
+@dataclass(frozen=True)
+class ImageGrid:
+    """The patch grid of any image classifier, for the controls (no ViT anatomy needed).
+
+    Attributes:
+        patch_size: (ph, pw): pixels per map cell.
+        num_classes: Classes of the model (for target validation).
+        in_chans: Input channels, where known.
+    """
+
+    patch_size: tuple[int, int]
+    num_classes: int
+    in_chans: int | None = None
+
+    def grid_size(self, input_size: Sequence[int]) -> tuple[int, int]:
+        """Map grid (h, w) of an input of spatial size (H, W) (floor division)."""
+        return patch_grid(input_size, self.patch_size)
+
+
+class ControlSaliency(SaliencyMethod):
+    """Base of the controls: a supported model's anatomy, or any model with a named grid.
+
+    Args:
+        model: Any image classifier.
+        num_classes: Classes of a model that no adapter supports (with ``patch_size``).
+        **anatomy_overrides: ``patch_size`` (int or (ph, pw)) and, for supported models,
+            parts of a custom ViT (see ``ViTAnatomy.from_model``).
+
+    Raises:
+        UnsupportedModelError: For an unsupported model without ``patch_size`` and
+            ``num_classes``.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int | None = None, **anatomy_overrides):
+        try:
+            super().__init__(model, **anatomy_overrides)
+            return
+        except UnsupportedModelError as error:
+            patch_size = anatomy_overrides.get("patch_size")
+            if patch_size is None or num_classes is None:
+                raise UnsupportedModelError(
+                    f"{error}. The controls work on any image classifier: pass patch_size= "
+                    "(pixels per map cell) and num_classes="
+                ) from error
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        super(SaliencyMethod, self).__init__(model)  # captum's Attribution
+        self.model = model
+        self.anatomy = ImageGrid(pair(patch_size), num_classes)
+        self._num_classes = num_classes
+
+
+class RandomSaliency(ControlSaliency):
     """Uniform random maps in [0, 1), seeded and reproducible.
 
     Each image's map comes from its own ``torch.Generator`` seeded with a hash of ``seed``
@@ -42,9 +102,10 @@ class RandomSaliency(SaliencyMethod):
     every device; the global RNG is not touched.
 
     Args:
-        model: A supported ViT (only its patch grid and class count are used).
+        model: Any image classifier (only its patch grid and class count are used).
         seed: The base seed.
-        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
+        num_classes: Classes of a model no adapter supports (see :class:`ControlSaliency`).
+        **anatomy_overrides: ``patch_size`` or parts of a custom model.
 
     Returns:
         ``attribute`` returns float32 maps (B, 1, h, w) in [0, 1).
@@ -55,8 +116,14 @@ class RandomSaliency(SaliencyMethod):
 
     cost = "no model pass"
 
-    def __init__(self, model: nn.Module, seed: int = 0, **anatomy_overrides) -> None:
-        super().__init__(model, **anatomy_overrides)
+    def __init__(
+        self,
+        model: nn.Module,
+        seed: int = 0,
+        num_classes: int | None = None,
+        **anatomy_overrides,
+    ) -> None:
+        super().__init__(model, num_classes, **anatomy_overrides)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.seed = seed
@@ -68,7 +135,7 @@ class RandomSaliency(SaliencyMethod):
         return torch.stack(maps).to(inputs.device)
 
 
-class SobelSaliency(SaliencyMethod):
+class SobelSaliency(ControlSaliency):
     """Edge strength: Sobel gradient magnitude of the image, averaged over each patch.
 
     The channel-mean image is padded by replicating its border (so the image frame is not
@@ -77,8 +144,9 @@ class SobelSaliency(SaliencyMethod):
     run.
 
     Args:
-        model: A supported ViT (only its patch grid and class count are used).
-        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
+        model: Any image classifier (only its patch grid and class count are used).
+        num_classes: Classes of a model no adapter supports (see :class:`ControlSaliency`).
+        **anatomy_overrides: ``patch_size`` or parts of a custom model.
 
     Returns:
         ``attribute`` returns float32 maps (B, 1, h, w).
@@ -100,7 +168,7 @@ class SobelSaliency(SaliencyMethod):
         return pool_to_grid(edges, grid, self.anatomy.patch_size)
 
 
-class IntensitySaliency(SaliencyMethod):
+class IntensitySaliency(ControlSaliency):
     """Brightness: the mean pixel value of each patch over all channels.
 
     On normalised inputs ``(x_c - mean_c) / std_c`` the map is increasing in every
@@ -109,8 +177,9 @@ class IntensitySaliency(SaliencyMethod):
     run.
 
     Args:
-        model: A supported ViT (only its patch grid and class count are used).
-        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
+        model: Any image classifier (only its patch grid and class count are used).
+        num_classes: Classes of a model no adapter supports (see :class:`ControlSaliency`).
+        **anatomy_overrides: ``patch_size`` or parts of a custom model.
 
     Returns:
         ``attribute`` returns float32 maps (B, 1, h, w).

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from captum.attr import LayerGradCam
 from torch import nn
 
 from .._validation import TargetType
+from ..adapters import UnsupportedModelError
 from .base import SaliencyMethod, tokens_to_grid
-
-_BLOCK_NORMS = ("norm1", "ln_1")
-"""Names of a block's first (pre-attention) norm: timm, torchvision."""
 
 
 class _TokenGrid(nn.Module):
@@ -23,10 +22,12 @@ class _TokenGrid(nn.Module):
 
 
 def _target_scores(
-    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor | None
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    target: torch.Tensor | None,
 ) -> torch.Tensor:
     """The target logit per example (B,); ``target`` None = the predicted class."""
-    logits = model(inputs)
+    logits = forward(inputs)
     if target is None:
         target = logits.argmax(-1)
     return logits.gather(1, target[:, None]).squeeze(1)
@@ -45,11 +46,12 @@ class GradCAM(SaliencyMethod):
     grid, so nothing before the layer is differentiated and no ``.grad`` is written.
 
     Args:
-        model: A supported timm or torchvision ViT.
-        layer: A block index (that block's first norm: timm ``norm1``, torchvision
-            ``ln_1``; default ``-1``, the last block's, as pytorch-grad-cam recommends: the
-            last block's output only reaches the head through [CLS]) or any submodule of
-            ``model`` whose output is the tokens (B, N, D).
+        model: A supported model (ViT or Swin).
+        layer: A block index (that block's norm before attention: timm ``norm1``,
+            torchvision ``ln_1``, Hugging Face ``layernorm_before``; default ``-1``, the last
+            block's, as pytorch-grad-cam recommends: the last block's output only reaches
+            the head through [CLS]) or any submodule of ``model`` whose output is the tokens
+            (B, N, D) or a channels-last grid (B, h, w, D).
         relu: Keep only positive evidence (the original Grad-CAM); ``False`` keeps the sign.
         **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
 
@@ -84,14 +86,14 @@ class GradCAM(SaliencyMethod):
             return layer
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise TypeError(f"layer must be a block index or an nn.Module, got {layer!r}")
-        block = self.anatomy.blocks[self.anatomy.resolve_layers(layer)[0]]
-        for name in _BLOCK_NORMS:
-            if isinstance(getattr(block, name, None), nn.Module):
-                return getattr(block, name)
-        raise TypeError(
-            f"block {layer} ({type(block).__name__}) has no first norm named one of "
-            f"{_BLOCK_NORMS}; pass the module to explain as layer=..."
-        )
+        index = self.anatomy.resolve_layers(layer)[0]
+        norms = self.anatomy.pre_attention_norms
+        if norms is None or not isinstance(norms[index], nn.Module):
+            raise UnsupportedModelError(
+                f"block {layer} ({type(self.anatomy.blocks[index]).__name__}) has no known norm "
+                "before attention; pass the module to explain as layer=..."
+            )
+        return norms[index]
 
     def attribute(
         self,
@@ -134,11 +136,15 @@ class GradCAM(SaliencyMethod):
         view = _TokenGrid()
 
         def as_grid(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            if not isinstance(output, torch.Tensor) or output.dim() != 3:
+            grid_out = self.anatomy.channels_last and getattr(output, "ndim", 0) == 4
+            if not isinstance(output, torch.Tensor) or (output.dim() != 3 and not grid_out):
                 raise TypeError(
-                    f"GradCAM's layer must output tokens (B, N, D), got "
-                    f"{type(output).__name__} {tuple(getattr(output, 'shape', ()))}"
+                    f"GradCAM's layer must output tokens (B, N, D) (or, for Swin, a "
+                    f"channels-last grid (B, h, w, D)), got {type(output).__name__} "
+                    f"{tuple(getattr(output, 'shape', ()))}"
                 )
+            if grid_out:  # timm Swin: (B, h, w, D) is already the grid; the gradient stops here
+                return view(output.detach().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             tokens = output.detach()  # the gradient stops here
             batch, count, width = tokens.shape
             image = tokens[:, prefix:].transpose(1, 2).reshape(batch * width, count - prefix)
@@ -148,7 +154,8 @@ class GradCAM(SaliencyMethod):
         handle = self.layer.register_forward_hook(as_grid)
         try:
             with self.anatomy.capture():  # eval mode, restored afterwards
-                cam = LayerGradCam(functools.partial(_target_scores, self.model), view).attribute(
+                forward = functools.partial(_target_scores, self.anatomy.forward)
+                cam = LayerGradCam(forward, view).attribute(
                     inputs.detach(), additional_forward_args=(target,), relu_attributions=relu
                 )
         finally:

@@ -1,4 +1,4 @@
-"""Raw attention: the last block's [CLS]-to-patch attention, averaged over heads."""
+"""Raw attention: the last block's attention from the rows the head reads, mean over heads."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from .base import SaliencyMethod, tokens_to_grid
 class RawAttention(SaliencyMethod):
     """The attention of [CLS] to each image token in one block, mean over heads.
 
-    Class-agnostic: ``target`` is validated and otherwise ignored. Models without a [CLS]
-    token (average-pooled) get the mean over the image-token query rows instead (see
+    Class-agnostic: ``target`` is validated and otherwise ignored. Pooled models (with or
+    without [CLS] or registers) get the mean over the image-token query rows instead (see
     :func:`~class_space_saliency.methods._attention.image_token_row`).
 
     Args:
@@ -41,5 +41,5 @@ class RawAttention(SaliencyMethod):
         self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
     ) -> torch.Tensor:
         (attention,) = record_attention(self.anatomy, inputs, [self.layer])
-        row = image_token_row(fuse_heads(attention, "mean"), self.anatomy.num_prefix_tokens)
+        row = image_token_row(fuse_heads(attention, "mean"), self.anatomy)
         return tokens_to_grid(row, grid).unsqueeze(1)

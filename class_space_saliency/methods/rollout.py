@@ -99,12 +99,14 @@ def attention_rollout(
 
 
 class AttentionRollout(SaliencyMethod):
-    """Attention rollout: the [CLS] row of the product of residual-corrected attention.
+    """Attention rollout: the rows the head reads of the product of residual-corrected attention.
 
-    Class-agnostic: ``target`` is validated and otherwise ignored. The map is row 0 of
-    :func:`attention_rollout` at the image-token columns (prefix tokens of distilled and
-    register models dropped); models without a [CLS] token (average-pooled) get the mean
-    over the image-token rows instead (the mean-pooled output mixes all image tokens).
+    Class-agnostic: ``target`` is validated and otherwise ignored. The map is the row the
+    head reads ([CLS]; the mean of [CLS] and distillation rows for DeiT distilled models) of
+    :func:`attention_rollout` at the image-token columns (prefix tokens dropped); pooled
+    models (``global_pool="avg"``, with or without [CLS] or registers) get the mean over the
+    image-token rows (the pooled output mixes all image tokens). The [CLS]->[CLS] entry is
+    protected from discarding only where the head reads [CLS].
 
     Args:
         model: A supported timm or torchvision ViT.
@@ -192,7 +194,7 @@ class AttentionRollout(SaliencyMethod):
         discard_ratio: float,
         start_layer: int,
     ) -> torch.Tensor:
-        prefix = self.anatomy.num_prefix_tokens
         attentions = record_attention(self.anatomy, inputs, range(start_layer, self.anatomy.depth))
-        rollout = attention_rollout(attentions, head_fusion, discard_ratio, keep_first=prefix > 0)
-        return tokens_to_grid(image_token_row(rollout, prefix), grid).unsqueeze(1)
+        keep_first = self.anatomy.readout.cls_index == 0
+        rollout = attention_rollout(attentions, head_fusion, discard_ratio, keep_first=keep_first)
+        return tokens_to_grid(image_token_row(rollout, self.anatomy), grid).unsqueeze(1)

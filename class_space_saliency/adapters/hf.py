@@ -1,0 +1,141 @@
+"""Hugging Face ``transformers`` ViT-like image classifiers: ViT, DeiT, BEiT, DINOv2.
+
+Found on ``PreTrainedModel`` subclasses whose base model has ``embeddings``, a list of layers
+(``layers``, ``encoder.layers`` or ``encoder.layer``) and a final ``layernorm``; the heads and
+the rows they read follow each model's ``forward``:
+
+- ViT, DeiT: ``classifier`` on [CLS]; DeiT with teacher: ``cls_classifier`` on [CLS] and
+  ``distillation_classifier`` on the distillation token, averaged.
+- BEiT: ``classifier`` on the mean of the image tokens after ``pooler.layernorm``
+  (``use_mean_pooling``), else on [CLS]; layer scale in ``lambda_1`` / ``lambda_2``.
+- DINOv2 (with registers): ``classifier`` on ``[CLS ; mean of image tokens]``; a token's
+  class-space projection is ``classifier([x ; x])`` (the logits if every token were ``x``).
+
+Attention probabilities come from eager attention (switched on while hooked); outputs are
+``ImageClassifierOutput`` objects whose ``.logits`` are used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Readout, TokenPath, UnsupportedModelError, block_branches, pair
+
+NAME = "Hugging Face ViT-like"
+LOOKS_FOR = (
+    "a Hugging Face image classifier (ViT, DeiT, BEiT, DINOv2: embeddings, layers, layernorm, "
+    "classifier)"
+)
+
+
+class ConcatHead(nn.Module):
+    """``classifier([x ; x])``: DINOv2's head, which reads [CLS] and the mean of tokens."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.cat([tokens, tokens], -1))
+
+
+def _is_hf(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # the optional extra is not installed
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _layers(base: nn.Module) -> nn.ModuleList | None:
+    for path in ("layers", "encoder.layers", "encoder.layer"):
+        found = base
+        for name in path.split("."):
+            found = getattr(found, name, None)
+        if isinstance(found, nn.ModuleList):
+            return found
+    return None
+
+
+def matches(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face ViT-like classifier (not Swin)."""
+    if not _is_hf(model) or model.config.model_type in ("swin", "swinv2"):
+        return False
+    base = model.base_model
+    return all(hasattr(base, n) for n in ("embeddings", "layernorm")) and _layers(base) is not None
+
+
+def parts(model: nn.Module) -> dict:
+    """ViTAnatomy parts of a Hugging Face ViT-like classifier."""
+    base, config = model.base_model, model.config
+    layers = list(_layers(base))
+    registers = int(getattr(config, "num_register_tokens", 0) or 0)
+    distilled = hasattr(base.embeddings, "distillation_token")
+    prefix = 1 + int(distilled) + registers
+    norm: nn.Module = base.layernorm
+    token_path: TokenPath | str = "BEiT's relative position bias is tied to the full grid"
+    if hasattr(model, "cls_classifier"):  # DeiT with teacher
+        heads = (model.cls_classifier, model.distillation_classifier)
+        readout = Readout(cls_rows=(0, 1))
+    elif config.model_type.startswith("dinov2"):
+        heads = (ConcatHead(model.classifier),)
+        readout = Readout(cls_rows=(0,), pool_start=prefix)
+    elif getattr(getattr(base, "pooler", None), "layernorm", None) is not None:  # BEiT mean
+        norm = nn.Sequential(base.layernorm, base.pooler.layernorm)
+        heads, readout = (model.classifier,), Readout(pool_start=prefix)
+    elif hasattr(model, "classifier"):
+        heads, readout = (model.classifier,), Readout(cls_rows=(0,))
+    else:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no image-classification head (classifier); load an "
+            "...ForImageClassification model"
+        )
+    if config.model_type != "beit":
+        token_path = _token_path(model, layers, prefix)
+    if any(isinstance(head, nn.Identity) for head in heads):
+        raise UnsupportedModelError(f"{type(model).__name__} has no classifier head (num_labels=0)")
+    first = layers[0]
+    norm1 = "norm1" if hasattr(first, "norm1") else "layernorm_before"
+    scales = ("layer_scale1", "layer_scale2") if hasattr(first, "layer_scale1") else ("", "")
+    return dict(
+        family=NAME,
+        blocks=layers,
+        norm=norm,
+        heads=heads,
+        readout=readout,
+        num_prefix_tokens=prefix,
+        patch_size=pair(config.patch_size),
+        img_size=None if config.model_type.startswith("dinov2") else pair(config.image_size),
+        in_chans=int(config.num_channels),
+        attention_modules=[layer.attention for layer in layers],
+        attention_kind="hf",
+        pre_attention_norms=[getattr(layer, norm1) for layer in layers],
+        token_path=token_path,
+        output_logits=hf_logits,
+        **block_branches(layers, "attention", "mlp", scales, ("lambda_1", "lambda_2")),
+    )
+
+
+def _token_path(model: nn.Module, layers: list[nn.Module], prefix: int) -> TokenPath:
+    """Embeddings, layers, final norm and head of ViT / DeiT / DINOv2 on any token count."""
+    base = model.base_model
+
+    def classify(tokens: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            output = layer(tokens)
+            tokens = output[0] if isinstance(output, tuple) else output
+        normed = base.layernorm(tokens)
+        if hasattr(model, "cls_classifier"):  # DeiT with teacher: two heads, averaged
+            distilled = model.distillation_classifier(normed[:, 1])
+            return (model.cls_classifier(normed[:, 0]) + distilled) / 2
+        if model.config.model_type.startswith("dinov2"):
+            return model.classifier(torch.cat([normed[:, 0], normed[:, prefix:].mean(1)], -1))
+        return model.classifier(normed[:, 0])
+
+    return TokenPath(base.embeddings, classify, prefix)
+
+
+def hf_logits(output) -> torch.Tensor:
+    """``output.logits`` of Hugging Face outputs (tensors pass through)."""
+    return output if isinstance(output, torch.Tensor) else output.logits
