@@ -259,7 +259,7 @@ def load_workload(name: str, count: int) -> Workload:
     torch.manual_seed(0)
     if name == "default":
         model, preprocessing = load_default()
-        images, labels = load_default_eval(count, preprocessing)
+        images, labels = load_default_eval(count, preprocessing=preprocessing)
         return Workload(model, images, labels, preprocessing.mean, preprocessing.std)
     model = timm.create_model(name, pretrained=False).eval()
     config = timm.data.resolve_data_config({}, model=model)
