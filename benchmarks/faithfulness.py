@@ -1,45 +1,42 @@
-"""Faithfulness benchmark of every method on the embedded model (committed results).
+"""Faithfulness and localisation benchmark of every method on an embedded model.
 
-Two runs, both resumable (rerun the same command after an interruption):
+Two runs on the same first ``--num-images`` images of the model's embedded evaluation set, both
+resumable (rerun the same command after an interruption) and shardable under ``torchrun``:
 
-1. ``main``: every registered method x the three protocol presets on the embedded
-   evaluation subset (default 1,000 images).
-2. ``ablation``: class-space variants (block, score, multi-block mean) on the first
-   ``--ablation-num-images`` images, to choose the default layer and score.
+1. ``main``: every registered method and named variant (``method_names()``) x the protocol
+   presets chefer2021, rise2018, vilas2023 and road2022, plus localisation against the
+   object masks where the evaluation set has them (fashion-scenes).
+2. ``ablation``: class-space variants (block, multi-block, score) with ``random`` beside
+   them, so that every variant is compared with the default and with random on the same
+   images.
 
-Each run folder gets ``report.md``, ``report.csv`` and ``curves_<preset>.png``; this script
-also writes ``benchmarks/results/faithfulness.json`` with every AUC.
+Each run folder ``faithfulness_<model>_<run>`` gets ``report.md``, ``report.csv`` and
+``curves_<preset>.png``; ``benchmarks/results/faithfulness.json`` gets (or replaces) the
+entry ``models[<model>]``, which ``benchmarks/readme_tables.py`` turns into README tables.
 
 Example:
-    torchrun --nproc_per_node 2 benchmarks/faithfulness.py --out benchmarks/results
+    torchrun --nproc_per_node 8 benchmarks/faithfulness.py --model fashion-scenes
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from class_space_saliency.data import load_default_eval
-from class_space_saliency.evaluation import run_benchmark
-from class_space_saliency.methods import create_method
+from class_space_saliency.evaluation import BenchmarkReport, run_benchmark
+from class_space_saliency.methods import create_method, method_names
 from class_space_saliency.models import load_default
 
-MAIN_METHODS = (
-    "class_space",
-    "class_space_gradient",
-    "gradcam",
-    "rollout",
-    "chefer",
-    "raw_attention",
-    "random",
-    "sobel",
-    "intensity",
-)
+MODELS = ("fashion", "fashion-scenes")
+PROTOCOLS = ("chefer2021", "rise2018", "vilas2023", "road2022")
 # name -> ClassSpaceSaliency options; "class_space" (the default: last block, logit) is the
-# reference every variant is compared with.
+# reference every variant is compared with. Blocks are counted from 1 in the names.
 ABLATION = {
     "class_space": {},
     "cs_block5": {"layer": -2},
@@ -49,55 +46,87 @@ ABLATION = {
     "cs_probability": {"score": "probability"},
     "cs_rank": {"score": "rank"},
 }
-PROTOCOLS = ("chefer2021", "rise2018", "vilas2023")
+RESULTS_FORMAT = 2
+
+
+def run_summary(report: BenchmarkReport) -> dict:
+    """The JSON entry of one run: accuracy, sections (tables), rows and missing pairs."""
+    return {
+        "clean_accuracy": report.clean_accuracy,
+        "n_images": report.n_images,
+        "sections": [
+            {"name": s.name, "higher_is_better": s.higher_is_better, "rule": s.rule}
+            for s in report.sections
+        ],
+        "missing": [list(pair) for pair in report.missing],
+        "rows": [dataclasses.asdict(row) for row in report.rows],
+    }
+
+
+def update_results(path: Path, model: str, runs: dict[str, dict]) -> None:
+    """Set ``models[model][run]`` of the results JSON at ``path`` for each of ``runs``.
+
+    Other models and runs not given are kept.
+    """
+    results = {"format": RESULTS_FORMAT, "models": {}}
+    if path.exists():
+        results = json.loads(path.read_text())
+        if results.get("format") != RESULTS_FORMAT:
+            raise ValueError(f"{path} has format {results.get('format')}, not {RESULTS_FORMAT}")
+    results["models"].setdefault(model, {}).update(runs)
+    path.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="fashion-scenes")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--num-images", type=int, default=1000)
-    parser.add_argument("--ablation-num-images", type=int, default=300)
+    parser.add_argument(
+        "--runs", nargs="+", choices=("main", "ablation"), default=["main", "ablation"]
+    )
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--max-batch-size", type=int, default=512)
     args = parser.parse_args()
 
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.manual_seed(0)
-    model, prep = load_default()
-    dataset = load_default_eval(preprocessing=prep)
-    runs = {
-        "main": ({m: create_method(m, model) for m in MAIN_METHODS}, args.num_images),
-        "ablation": (
-            {name: create_method("class_space", model, **kw) for name, kw in ABLATION.items()},
-            args.ablation_num_images,
-        ),
+    model, prep = load_default(args.model)
+    model = model.to(device)
+    data = load_default_eval(args.num_images, dataset=args.model, masks=True, preprocessing=prep)
+    methods = {
+        "main": {name: create_method(name, model) for name in method_names()},
+        "ablation": {
+            **{name: create_method("class_space", model, **kw) for name, kw in ABLATION.items()},
+            "random": create_method("random", model),
+        },
     }
     summary = {}
-    for run, (methods, n) in runs.items():
+    for run in args.runs:
         report = run_benchmark(
             model,
-            dataset,
-            methods,
+            data,
+            methods[run],
             PROTOCOLS,
             prep.mean,
             prep.std,
-            args.out / f"faithfulness_{run}",
+            args.out / f"faithfulness_{args.model}_{run}",
             max_batch_size=args.max_batch_size,
             batch_size=args.batch_size,
-            n=n,
-            model_name=f"default/{run}",
+            n=args.num_images,
+            model_name=f"{args.model}/{run}",
         )
         if report is None:  # not rank 0
             continue
-        summary[run] = dict(
-            clean_accuracy=report.clean_accuracy,
-            n_images=report.n_images,
-            rows=[vars(row) for row in report.rows],
-        )
+        summary[run] = run_summary(report)
         print(f"{run}: clean accuracy {report.clean_accuracy:.4f} on {report.n_images} images")
     if summary:
         path = args.out / "faithfulness.json"
-        path.write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"wrote {path}")
+        update_results(path, args.model, summary)
+        print(f"wrote models[{args.model!r}] of {path}")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,13 @@ bf16 autocast when CUDA is present):
   layer the package's Grad-CAM explains (``blocks[-1].norm1``);
 
 and, per image, the perturbation curves of each protocol preset (chefer2021, rise2018,
-vilas2023), plus vilas2023's two curves redone with pixel deletion at the same number of
-steps. Curves run for the embedded model on the CPU (ViT-B/16's vilas2023 curves cost ~400
-forward passes per image) and for every model on the GPU.
+vilas2023, road2022), plus vilas2023's two curves redone with pixel deletion at the same
+number of steps; and the cost per image of ROAD's noisy linear imputation
+(``noisy_linear_impute``) against pytorch-grad-cam's ``NoisyLinearImputer`` (the ROAD
+authors' code) at the nine removal fractions of road2022 (``--only-imputer`` measures just
+this, on the embedded model's images, and writes ``speed_imputer.{json,md}``). Curves run
+for the embedded model on the CPU (ViT-B/16's vilas2023 curves cost ~400 forward passes per
+image) and for every model on the GPU.
 
 Times are medians of the timed calls after a warm-up. Peak memory is measured above a
 baseline taken after the model is loaded: on the CPU each (model, batch size, measurement)
@@ -31,6 +35,7 @@ Writes ``benchmarks/results/speed.json`` (``--out``) and a Markdown table next t
 Example:
     python benchmarks/speed.py                      # full run, all cores (~8-9 min, 2 cores)
     python benchmarks/speed.py --quick --threads 1  # smoke run: embedded model, seconds
+    python benchmarks/speed.py --only-imputer       # the imputer row alone (~1 min)
 """
 
 from __future__ import annotations
@@ -66,7 +71,12 @@ from tqdm.auto import tqdm
 
 from class_space_saliency import ClassSpaceSaliency
 from class_space_saliency.data import load_default_eval
-from class_space_saliency.evaluation import PRESETS, Protocol, perturbation_curves
+from class_space_saliency.evaluation import (
+    PRESETS,
+    Protocol,
+    noisy_linear_impute,
+    perturbation_curves,
+)
 from class_space_saliency.methods import METHODS, create_method
 from class_space_saliency.models import load_default
 
@@ -249,7 +259,7 @@ def load_workload(name: str, count: int) -> Workload:
     torch.manual_seed(0)
     if name == "default":
         model, preprocessing = load_default()
-        images, labels = load_default_eval(count, preprocessing)
+        images, labels = load_default_eval(count, preprocessing=preprocessing)
         return Workload(model, images, labels, preprocessing.mean, preprocessing.std)
     model = timm.create_model(name, pretrained=False).eval()
     config = timm.data.resolve_data_config({}, model=model)
@@ -927,6 +937,75 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------- imputer
+def imputer_timing(work: Workload, count: int, repeats: Repeats) -> dict:
+    """Seconds per image and mask of ROAD's imputation, ours against pytorch-grad-cam's.
+
+    Each of the first ``count`` images gets one seeded random pixel mask per road2022
+    removal fraction (10 … 90 %); a timed call imputes all of them, one image at a time
+    (as the curves do), with the default noise 0.01. pytorch-grad-cam is imported here
+    only: it is a test dependency.
+
+    Args:
+        work: The workload (its images are imputed on the CPU).
+        count: Images per timed call.
+        repeats: How many timed calls.
+
+    Returns:
+        ``{"images", "masks", "image_size", "ours_s", "reference_s", "ratio"}``: median
+        seconds per image and mask and ``ours_s / reference_s``.
+
+    Example:
+        >>> imputer_timing(load_workload("default", 8), 8, Repeats(fixed=3))["ratio"]
+    """
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    images = work.images[:count].cpu()
+    fractions = PRESETS["road2022"][0].steps
+    generator = torch.Generator().manual_seed(0)
+    pairs = [
+        (image, torch.rand(images.shape[-2:], generator=generator) >= fraction)
+        for image in images
+        for fraction in fractions
+    ]
+    reference = NoisyLinearImputer(noise=0.01)
+
+    def ours() -> torch.Tensor:
+        return torch.stack([noisy_linear_impute(i[None], k[None])[0] for i, k in pairs])
+
+    def theirs() -> torch.Tensor:
+        return torch.stack([reference(i, k.float()) for i, k in pairs])
+
+    medians = {}
+    for name, call in (("ours", ours), ("reference", theirs)):
+        times, _ = time_calls(call, repeats)
+        medians[name] = statistics.median(times) / len(pairs)
+    return dict(
+        images=len(images),
+        masks=len(pairs),
+        image_size=list(images.shape[1:]),
+        ours_s=medians["ours"],
+        reference_s=medians["reference"],
+        ratio=_ratio(medians["ours"], medians["reference"]),
+    )
+
+
+def render_imputer(row: dict) -> str:
+    """A Markdown table of :func:`imputer_timing`'s result."""
+    size = "x".join(str(v) for v in row["image_size"])
+    return "\n".join(
+        [
+            f"ROAD noisy linear imputation, per image and mask ({row['masks']} masks, {size}):",
+            "",
+            "| imputer | time | ratio |",
+            "|---|---|---|",
+            _cells(["`noisy_linear_impute`", _seconds(row["ours_s"]), _times(row["ratio"])]),
+            _cells(["pytorch-grad-cam `NoisyLinearImputer`", _seconds(row["reference_s"]), "1x"]),
+            "",
+        ]
+    )
+
+
 # ---------------------------------------------------------------------------- main
 def _all_cores() -> int:
     affinity = getattr(os, "sched_getaffinity", None)
@@ -956,6 +1035,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=_all_cores(), help="torch CPU threads")
     parser.add_argument(
+        "--only-imputer",
+        action="store_true",
+        help="measure only ROAD's imputer against pytorch-grad-cam's (speed_imputer.json)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="JSON path; the Markdown goes next to it as .md (default "
@@ -979,13 +1063,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         >>> main(["--quick", "--threads", "1"])
     """
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.only_imputer:
+        row = imputer_timing(load_workload("default", CURVE_IMAGES), CURVE_IMAGES, Repeats(fixed=3))
+        out = args.out or Path("benchmarks/results/speed_imputer.json")
+        out.write_text(json.dumps(dict(environment(args.threads), imputer=row), indent=1) + "\n")
+        out.with_suffix(".md").write_text(render_imputer(row))
+        print(render_imputer(row))
+        return
     quick = args.quick
     models = args.models or (["default"] if quick else list(MODELS))
     batch_sizes = args.batch_sizes or ([1, 4] if quick else list(BATCH_SIZES))
     curve_images = 4 if quick else CURVE_IMAGES
     repeats = Repeats(args.repeats, budget_s=0.2, most=3) if quick else Repeats(args.repeats)
     out = args.out or Path(f"benchmarks/results/speed{'_quick' if quick else ''}.json")
-    torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
 
     started = time.perf_counter()
@@ -1022,7 +1113,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         duration_s=time.perf_counter() - started,
     )
     report = to_json(meta, measurements, curves, evaluate_targets(measurements, curves))
-    markdown = render_markdown(report)
+    report["imputer"] = imputer_timing(
+        load_workload("default", curve_images), curve_images, repeats
+    )
+    markdown = render_markdown(report) + "\n" + render_imputer(report["imputer"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown)

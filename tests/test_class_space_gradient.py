@@ -14,6 +14,7 @@ from conftest import (
 )
 
 from class_space_saliency import ClassSpaceAttentionGradient
+from class_space_saliency.methods import create_method, method_names
 
 
 def reference_gradient_map(model, images, target, paper_exact=False):
@@ -78,3 +79,17 @@ def test_leaves_model_untouched_with_frozen_parameters():
 def test_unsupported_models_get_a_clear_error(family):
     with pytest.raises(TypeError, match="ClassSpaceAttentionGradient"):
         ClassSpaceAttentionGradient(make_model(family))
+
+
+def test_paper_variant_is_registered_with_the_double_softmax():
+    model = make_model("plain")
+    images = input_for("plain")
+    paper = create_method("class_space_gradient_paper", model)
+    assert isinstance(paper, ClassSpaceAttentionGradient) and paper.paper_exact
+    want = reference_gradient_map(model, images, torch.tensor([1, 2, 3]), paper_exact=True)
+    torch.testing.assert_close(paper.attribute(images, [1, 2, 3]), want, rtol=1e-4, atol=1e-6)
+    assert "class_space_gradient_paper" in method_names()
+    with pytest.raises(ValueError, match="fixes"):
+        create_method("class_space_gradient_paper", model, paper_exact=False)
+    with pytest.raises(ValueError, match="class_space_gradient_paper"):
+        create_method("no_such_method", model)

@@ -73,7 +73,7 @@ def curves_of(model, images, maps, targets, protocol, **kwargs):
 
 # ---------------------------------------------------------------------------- protocols
 def test_presets_are_the_papers():
-    assert list(PRESETS) == ["chefer2021", "rise2018", "vilas2023"]
+    assert list(PRESETS) == ["chefer2021", "rise2018", "vilas2023", "road2022"]
     chefer = PROTOCOLS["chefer2021/positive"]
     assert chefer.steps == tuple(i / 10 for i in range(10))
     assert (chefer.unit, chefer.baseline, chefer.score, chefer.auc) == (
@@ -102,7 +102,23 @@ def test_presets_are_the_papers():
         "rise2018/insertion": True,
         "vilas2023/positive": False,
         "vilas2023/negative": True,
+        "road2022/morf": False,
+        "road2022/lerf": True,
     }
+    morf = PROTOCOLS["road2022/morf"]
+    assert morf.steps == tuple(i / 10 for i in range(1, 10))
+    assert (morf.unit, morf.baseline, morf.score, morf.auc, morf.impute_noise) == (
+        "pixel",
+        "impute",
+        "probability",
+        "mean",
+        0.01,
+    )
+    assert (morf.map_class, morf.score_class, morf.extra_scores) == (
+        "label",
+        "label",
+        ("accuracy",),
+    )
 
 
 def test_protocol_knobs_and_resolution():
@@ -140,7 +156,12 @@ def test_step_counts_and_auc_rules():
     assert area_under_curve(curve, [0, 0.5, 1], "trapezoid") == pytest.approx(0.75)
     assert area_under_curve(curve, [0, 0.1, 0.2], "trapezoid_percent") == pytest.approx(15)
     both = np.array([[0.5, 0.5, 0.25], [0.0, 0.0, 0.0]])
-    assert area_under_curve(both, None, "max_normalised_sum").tolist() == [pytest.approx(5 / 6), 0]
+    # official vilas2023 normaliser: sum / (max * N), N = 4 units for the 3 counts 1, 2, 3
+    assert area_under_curve(both, None, "max_normalised_sum").tolist() == [
+        pytest.approx(1.25 / (0.5 * 4)),
+        0,
+    ]
+    assert area_under_curve(both, None, "mean").tolist() == [pytest.approx(1.25 / 3), 0]
 
 
 # ---------------------------------------------------------------------------- pixel protocols
@@ -273,8 +294,9 @@ def test_vilas_by_hand():
     _, negative = curves_of(model, images, saliency, targets, PROTOCOLS["vilas2023/negative"])
     assert negative.tolist() == [[1, 1, 1], [0, 0, 0]]
     rule = "max_normalised_sum"
-    assert area_under_curve(positive, x, rule).tolist() == [pytest.approx(2 / 3), 0]
-    assert area_under_curve(positive.mean(0), x, rule) == pytest.approx(2 / 3)
+    # sum(acc) / (max(acc) * N) with N = 4 image tokens (official code), not N - 1 = 3
+    assert area_under_curve(positive, x, rule).tolist() == [pytest.approx(2 / 4), 0]
+    assert area_under_curve(positive.mean(0), x, rule) == pytest.approx(1 / (0.5 * 4))
 
 
 @pytest.mark.parametrize("family", ["plain", "distilled", "registers"])

@@ -37,6 +37,7 @@ from class_space_saliency.evaluation.protocols import protocol_to_dict
 
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 PRESET_NAMES = ["chefer2021", "rise2018", "vilas2023"]
+CLI_PRESETS = [*PRESET_NAMES, "road2022"]
 QUICK = dict(batch_size=3, progress=False, n_boot=50)
 
 
@@ -264,15 +265,19 @@ def test_summary_statistics_by_hand():
 SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
+import torch
 from conftest import make_model
 from test_evaluation_runner import tiny_data
 from class_space_saliency.evaluation import run_benchmark
 
 
 def main(out_dir):
-    return run_benchmark(make_model("plain"), tiny_data(5), ["class_space"],
-        ["chefer2021/positive", "vilas2023/negative"], (0.5,) * 3, (0.5,) * 3, out_dir,
-        batch_size=2, progress=False, n_boot=50)
+    images, labels = tiny_data(5)
+    masks = torch.zeros(5, 1, 32, 32, dtype=torch.bool)
+    masks[..., 4:20, 8:24] = True
+    return run_benchmark(make_model("plain"), (images, labels, masks), ["class_space"],
+        ["chefer2021/positive", "vilas2023/negative", "road2022/morf"], (0.5,) * 3, (0.5,) * 3,
+        out_dir, batch_size=2, progress=False, n_boot=50)
 
 
 if __name__ == "__main__":
@@ -281,12 +286,19 @@ if __name__ == "__main__":
 
 
 def assert_same_records(first: list[dict], second: list[dict]) -> None:
+    """Equal records; values computed from maps compared to float32 rounding."""
+    numeric = ("auc", "curve", "extra_curves", "localisation")
     assert len(first) == len(second)
     for a, b in zip(first, second, strict=True):
-        assert {k: v for k, v in a.items() if k not in ("auc", "curve")} == {
-            k: v for k, v in b.items() if k not in ("auc", "curve")
+        assert {k: v for k, v in a.items() if k not in numeric} == {
+            k: v for k, v in b.items() if k not in numeric
         }
-        np.testing.assert_allclose(a["curve"] + [a["auc"]], b["curve"] + [b["auc"]], atol=1e-5)
+        assert a.keys() == b.keys()
+        if "curve" in a:
+            np.testing.assert_allclose(a["curve"] + [a["auc"]], b["curve"] + [b["auc"]], atol=1e-5)
+            assert a.get("extra_curves") == b.get("extra_curves")
+        if "localisation" in a:
+            assert a["localisation"] == pytest.approx(b["localisation"], abs=1e-6)
 
 
 def test_torchrun_two_processes_equal_one(tmp_path):
@@ -387,8 +399,18 @@ def test_benchmark_command(tmp_path, monkeypatch, capsys):
 
     models = types.ModuleType("class_space_saliency.models")
     models.load_model = lambda name, weights=None, **_: (make_model("plain"), Preprocessing())
+    models.EMBEDDED_MODELS, models.DEFAULT_MODEL = {"toy": None}, "toy"
+
+    def load_default_eval(dataset=None, masks=False, preprocessing=None):
+        images, labels = tiny_data(4)
+        return (
+            (images, labels, torch.ones(4, 1, 32, 32, dtype=torch.bool).tril())
+            if masks
+            else (images, labels)
+        )
+
     data = types.ModuleType("class_space_saliency.data")
-    data.load_default_eval = lambda preprocessing=None: tiny_data(4)
+    data.load_default_eval = load_default_eval
     monkeypatch.setitem(sys.modules, "class_space_saliency.models", models)
     monkeypatch.setitem(sys.modules, "class_space_saliency.data", data)
     parser = argparse.ArgumentParser()
@@ -404,7 +426,7 @@ def test_benchmark_command(tmp_path, monkeypatch, capsys):
         "intensity",
     ]
     assert (defaults.protocols, defaults.num_images, defaults.model) == (
-        PRESET_NAMES,
+        CLI_PRESETS,
         1000,
         "default",
     )
@@ -427,7 +449,10 @@ def test_benchmark_command(tmp_path, monkeypatch, capsys):
     )
     assert args.func(args) == 0
     assert "clean accuracy" in capsys.readouterr().out
-    assert len(load_records(tmp_path / "a")) == 3
+    records = load_records(tmp_path / "a")  # the embedded set has masks: localisation too
+    assert (
+        sorted(r["protocol"] for r in records) == ["localisation"] * 3 + ["vilas2023/positive"] * 3
+    )
     with pytest.raises(SystemExit) as exited:
         parser.parse_args(["benchmark", "--methods", "no_such_method"])
     assert exited.value.code == 2 and "no_such_method" in capsys.readouterr().err

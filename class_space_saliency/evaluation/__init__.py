@@ -6,8 +6,16 @@ Example:
     ...     mean=(0.5,) * 3, std=(0.5,) * 3, out_dir="runs/a")
 """
 
-from .curves import area_under_curve, curve_x, perturbation_curves, step_counts
+from .curves import (
+    area_under_curve,
+    curve_x,
+    perturbation_curves,
+    perturbation_scores,
+    step_counts,
+)
 from .datasets import ImageFolderDataset, TensorPairDataset, UnreadableImageError
+from .imputation import noisy_linear_impute
+from .localisation import localisation
 from .protocols import PRESETS, PROTOCOLS, Protocol, resolve_protocols
 from .report import BenchmarkReport, MethodRow, summarize, write_report
 from .runner import run_benchmark
@@ -26,7 +34,10 @@ __all__ = [
     "curve_x",
     "load_config",
     "load_records",
+    "localisation",
+    "noisy_linear_impute",
     "perturbation_curves",
+    "perturbation_scores",
     "resolve_protocols",
     "run_benchmark",
     "step_counts",

@@ -69,7 +69,7 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
         "--protocols",
         nargs="+",
         default=list(PRESETS),
-        help="presets (chefer2021 rise2018 vilas2023) or curves such as rise2018/deletion",
+        help="presets (chefer2021 rise2018 vilas2023 road2022) or curves such as rise2018/deletion",
     )
     parser.add_argument(
         "--num-images",
@@ -78,7 +78,10 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
         help="images to evaluate: a class-balanced sample drawn with --seed",
     )
     parser.add_argument(
-        "--data", default=None, help="ImageFolder root (default: the embedded evaluation set)"
+        "--data",
+        default=None,
+        help="ImageFolder root (default: the embedded evaluation set of an embedded model; "
+        "required for any other model)",
     )
     parser.add_argument(
         "--labels-by-index",
@@ -107,21 +110,30 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     """
     from torch.utils.data import Subset
 
-    from ..models import load_model
+    from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model
     from .store import load_records
 
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    embedded_names = ("default", *EMBEDDED_MODELS)
+    if args.data is None and args.model not in embedded_names:
+        print(
+            f"error: --model {args.model} has no embedded evaluation set; pass --data with an "
+            f"ImageFolder of its images (embedded models: {', '.join(embedded_names)})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         model, preprocessing = load_model(args.model, args.weights, class_names=args.class_names)
         if args.data is None:
             from ..data import load_default_eval
-            from ..models import DEFAULT_MODEL
 
             embedded = DEFAULT_MODEL if args.model == "default" else args.model
-            images, labels = load_default_eval(dataset=embedded, preprocessing=preprocessing)
-            dataset, labels = as_dataset((images, labels)), labels.tolist()
+            images, labels, masks = load_default_eval(
+                dataset=embedded, masks=True, preprocessing=preprocessing
+            )  # with masks: localisation is scored too
+            dataset, labels = as_dataset((images, labels, masks)), labels.tolist()
         else:
             folders = [p.name for p in Path(args.data).iterdir() if p.is_dir()]
             names = getattr(preprocessing, "class_names", None)

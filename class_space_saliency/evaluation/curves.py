@@ -1,9 +1,11 @@
 """Perturbation curves and their areas, batched over images and steps.
 
-All ``B * S`` perturbed inputs of a batch (B images, S steps) go through the model in chunks
-of ``max_batch_size``; the perturbed images (or token sequences) of a chunk are built in one
-vectorised operation. Token removal runs each kept length as its own group of shorter
-sequences, packing proportionally more of them into a chunk.
+Ties in a perturbation order are broken by a permutation seeded with the image itself, so
+curves do not depend on batching or sharding. All ``B * S`` perturbed inputs of a batch
+(B images, S steps) go through the model in chunks of ``max_batch_size``; the perturbed
+images (or token sequences) of a chunk are built in one vectorised operation. Token removal
+runs each kept length as its own group of shorter sequences, packing proportionally more of
+them into a chunk. Imputed pixels (ROAD) are solved image by image on the CPU.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torch import nn
 
+from .._seeding import image_generator
 from ..adapters import find_token_path
 from ..methods.base import upsample_maps
+from .imputation import noisy_linear_impute
 from .protocols import Protocol
 
 
@@ -64,7 +68,8 @@ def area_under_curve(curves: np.ndarray, x: Sequence[float], rule: str) -> np.nd
     Args:
         curves: (..., S) curve values.
         x: The S x values.
-        rule: ``"trapezoid"``, ``"trapezoid_percent"`` or ``"max_normalised_sum"`` (see
+        rule: ``"trapezoid"``, ``"trapezoid_percent"``, ``"mean"`` or
+            ``"max_normalised_sum"`` (see
             :class:`~class_space_saliency.evaluation.protocols.Protocol`).
 
     Returns:
@@ -79,8 +84,10 @@ def area_under_curve(curves: np.ndarray, x: Sequence[float], rule: str) -> np.nd
         return np.trapezoid(curves, np.asarray(x, dtype=np.float64), axis=-1)
     if rule == "trapezoid_percent":
         return np.trapezoid(curves, np.asarray(x, dtype=np.float64), axis=-1) * 100.0
-    if rule == "max_normalised_sum":
-        top = curves.max(axis=-1) * curves.shape[-1]
+    if rule == "mean":
+        return curves.mean(axis=-1)
+    if rule == "max_normalised_sum":  # N = S + 1 units for the S = N - 1 counts of the curve
+        top = curves.max(axis=-1) * (curves.shape[-1] + 1)
         total = curves.sum(axis=-1)
         return np.divide(total, top, out=np.zeros_like(total), where=top != 0)
     raise ValueError(f"unknown AUC rule {rule!r}")
@@ -97,18 +104,28 @@ def score_logits(logits: torch.Tensor, targets: torch.Tensor, score: str) -> tor
     raise ValueError(f"unknown score {score!r}")
 
 
-def perturbation_ranks(values: torch.Tensor, order: str) -> torch.Tensor:
+def perturbation_ranks(values: torch.Tensor, order: str, images: torch.Tensor) -> torch.Tensor:
     """Rank of every unit in the perturbation order (0 = perturbed first).
+
+    Ties are broken at random: units are first shuffled by a permutation drawn from a
+    generator seeded with the image's own values (``_seeding.image_seed``), then stably
+    sorted by saliency. The order of an image therefore does not
+    depend on its batch, its position in it or the sharding of the data set, and a constant
+    map gives a uniformly random order.
 
     Args:
         values: (B, P) saliency per unit.
         order: ``"positive"`` (most salient first) or ``"negative"`` (least salient first).
+        images: (B, ...) the images the maps explain (seed the tie-breaking).
 
     Returns:
-        (B, P) long ranks; ties keep the units' raster order.
+        (B, P) long ranks.
     """
     keys = -values if order == "positive" else values
-    ordering = torch.argsort(keys, dim=1, stable=True)
+    shuffle = torch.stack(
+        [torch.randperm(values.shape[1], generator=image_generator(image)) for image in images]
+    ).to(values.device)
+    ordering = shuffle.gather(1, torch.argsort(keys.gather(1, shuffle), dim=1, stable=True))
     positions = torch.arange(values.shape[1], device=values.device).expand_as(ordering)
     return torch.empty_like(ordering).scatter_(1, ordering, positions)
 
@@ -185,6 +202,31 @@ def _image_forward(
     return forward
 
 
+def _imputed_forward(
+    model: nn.Module, images: torch.Tensor, noise: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Forward of images whose hidden pixels are filled by noisy linear imputation.
+
+    The noise of each input is seeded by its image and its number of kept pixels, so it does
+    not depend on batching either.
+    """
+
+    def forward(rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        keep = visible.view(-1, *images.shape[-2:])
+        filled = [
+            noisy_linear_impute(
+                images[row][None],
+                keep[i][None],
+                noise,
+                image_generator(images[row], int(keep[i].sum())),
+            )
+            for i, row in enumerate(rows.tolist())
+        ]
+        return model(torch.cat(filled))
+
+    return forward
+
+
 def _token_forward(
     model: nn.Module, tokens: torch.Tensor
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -215,6 +257,83 @@ def _unit_values(
     if protocol.unit == "pixel":
         maps = upsample_maps(maps, images.shape[-2:])
     return maps.flatten(1), (maps.shape[-2], maps.shape[-1])
+
+
+@torch.no_grad()
+def perturbation_scores(
+    model: nn.Module,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    protocol: Protocol,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    max_batch_size: int = 256,
+    dataset_mean: torch.Tensor | None = None,
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Every score of ``protocol`` (``score`` and ``extra_scores``) along its path.
+
+    Same arguments as :func:`perturbation_curves`.
+
+    Returns:
+        ``(x, {score: curves (B, S)})``, float32 curves on the CPU.
+
+    Example:
+        >>> x, scores = perturbation_scores(model, images, maps, labels,
+        ...     PROTOCOLS["road2022/morf"], mean=(0.5,) * 3, std=(0.5,) * 3)
+        >>> scores["accuracy"].shape
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    values, grid = _unit_values(protocol, maps, images)
+    ranks = perturbation_ranks(values, protocol.order, images)
+    num_units = values.shape[1]
+    x, counts = step_counts(protocol, num_units)
+    insertion = protocol.mode == "insertion"
+    if protocol.unit == "token":
+        path = find_token_path(model)
+        tokens = path.embed(images)
+        prefix = path.num_prefix_tokens
+        if tokens.shape[1] - prefix != num_units:
+            raise ValueError(
+                f"maps have {num_units} patches but the model made "
+                f"{tokens.shape[1] - prefix} image tokens"
+            )
+        forward = _token_forward(model, tokens)
+    elif protocol.baseline == "impute":
+        forward = _imputed_forward(model, images, protocol.impute_noise)
+        prefix = 0
+    else:
+        baseline = baseline_images(protocol, images, mean, std, dataset_mean)
+        forward = _image_forward(model, images, baseline, grid)
+        prefix = 0
+
+    # group the steps by input length (image inputs all have the full length)
+    full_length = prefix + num_units
+    groups: dict[int, list[int]] = {}
+    for step, count in enumerate(counts):
+        visible = count if insertion else num_units - count
+        length = prefix + visible if protocol.unit == "token" else full_length
+        groups.setdefault(length, []).append(step)
+
+    batch = images.shape[0]
+    device = images.device
+    names = dict.fromkeys((protocol.score, *protocol.extra_scores))
+    scores = {name: torch.empty(batch, len(counts)) for name in names}
+    targets = targets.to(device)
+    counts_t = torch.tensor(counts, device=device)
+    for length, steps in groups.items():
+        step_index = torch.tensor(steps, device=device).repeat_interleave(batch)
+        rows = torch.arange(batch, device=device).repeat(len(steps))
+        chunk = max(1, max_batch_size * full_length // max(length, 1))
+        for start in range(0, rows.shape[0], chunk):
+            r, s = rows[start : start + chunk], step_index[start : start + chunk]
+            perturbed = ranks[r] < counts_t[s, None]
+            logits = forward(r, perturbed if insertion else ~perturbed)
+            for name, curves in scores.items():
+                curves[r.cpu(), s.cpu()] = score_logits(logits, targets[r], name).cpu()
+    return x, scores
 
 
 @torch.no_grad()
@@ -251,48 +370,15 @@ def perturbation_curves(
         >>> x, curves = perturbation_curves(model, images, maps, labels,
         ...     PROTOCOLS["chefer2021/positive"], mean=(0.5,) * 3, std=(0.5,) * 3)
     """
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    values, grid = _unit_values(protocol, maps, images)
-    ranks = perturbation_ranks(values, protocol.order)
-    num_units = values.shape[1]
-    x, counts = step_counts(protocol, num_units)
-    insertion = protocol.mode == "insertion"
-    if protocol.unit == "token":
-        path = find_token_path(model)
-        tokens = path.embed(images)
-        prefix = path.num_prefix_tokens
-        if tokens.shape[1] - prefix != num_units:
-            raise ValueError(
-                f"maps have {num_units} patches but the model made "
-                f"{tokens.shape[1] - prefix} image tokens"
-            )
-        forward = _token_forward(model, tokens)
-    else:
-        baseline = baseline_images(protocol, images, mean, std, dataset_mean)
-        forward = _image_forward(model, images, baseline, grid)
-        prefix = 0
-
-    # group the steps by input length (image inputs all have the full length)
-    full_length = prefix + num_units
-    groups: dict[int, list[int]] = {}
-    for step, count in enumerate(counts):
-        visible = count if insertion else num_units - count
-        length = prefix + visible if protocol.unit == "token" else full_length
-        groups.setdefault(length, []).append(step)
-
-    batch = images.shape[0]
-    device = images.device
-    curves = torch.empty(batch, len(counts))
-    targets = targets.to(device)
-    counts_t = torch.tensor(counts, device=device)
-    for length, steps in groups.items():
-        step_index = torch.tensor(steps, device=device).repeat_interleave(batch)
-        rows = torch.arange(batch, device=device).repeat(len(steps))
-        chunk = max(1, max_batch_size * full_length // max(length, 1))
-        for start in range(0, rows.shape[0], chunk):
-            r, s = rows[start : start + chunk], step_index[start : start + chunk]
-            perturbed = ranks[r] < counts_t[s, None]
-            logits = forward(r, perturbed if insertion else ~perturbed)
-            curves[r.cpu(), s.cpu()] = score_logits(logits, targets[r], protocol.score).cpu()
-    return x, curves
+    x, scores = perturbation_scores(
+        model,
+        images,
+        maps,
+        targets,
+        protocol,
+        mean=mean,
+        std=std,
+        max_batch_size=max_batch_size,
+        dataset_mean=dataset_mean,
+    )
+    return x, scores[protocol.score]

@@ -1,18 +1,22 @@
 """Evaluation datasets: an ImageFolder layout with the model's preprocessing, tensor pairs.
 
-Items are ``(normalised image (C, H, W), label)``. An image file that cannot be read raises
-:class:`UnreadableImageError` from ``__getitem__``; the benchmark runner catches it, records
-the file as skipped (listed in the report) and goes on.
+Items are ``(normalised image (C, H, W), label)``, or ``(image, label, mask (1, H, W) bool)``
+for a dataset whose ``has_masks`` attribute is True (the benchmark then also scores
+localisation). An image file that cannot be read raises :class:`UnreadableImageError` from
+``__getitem__``; the benchmark runner catches it, records the file as skipped (listed in the
+report) and goes on. ``fingerprint(n)`` hashes what the first ``n`` items hold, so a resumed
+run can tell a changed dataset from the one it started on.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -72,8 +76,18 @@ class ImageFolderDataset(Dataset):
             )
         self.transform = transform
 
+    has_masks = False
+
     def __len__(self) -> int:
         return len(self.samples)
+
+    def fingerprint(self, n: int) -> str:
+        """SHA-256 (16 hex digits) of the first ``n`` files' bytes, names and labels."""
+        digest = hashlib.sha256()
+        for path, label in self.samples[:n]:
+            digest.update(f"{path.relative_to(self.root)}:{label};".encode())
+            digest.update(path.read_bytes() if path.is_file() else b"missing")
+        return digest.hexdigest()[:16]
 
     @property
     def labels(self) -> list[int]:
@@ -172,31 +186,106 @@ def balanced_order(labels: Sequence[int], seed: int = 0) -> list[int]:
     return order
 
 
-class TensorPairDataset(Dataset):
-    """``(images (n, C, H, W), labels (n,))`` as a dataset of ``(image, label)`` items."""
+def _update(digest: hashlib._Hash, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().cpu().contiguous()
+    digest.update(f"{tensor.dtype}:{tuple(tensor.shape)};".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | Sequence[int]) -> None:
+
+class TensorPairDataset(Dataset):
+    """``(images (n, C, H, W), labels (n,)[, masks (n, 1, H, W) bool])`` as a dataset.
+
+    Items are ``(image, label)``, or ``(image, label, mask)`` when masks are given
+    (``has_masks`` is then True).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | Sequence[int],
+        masks: torch.Tensor | None = None,
+    ) -> None:
         labels = torch.as_tensor(labels, dtype=torch.long)
         if images.dim() != 4 or labels.shape != (images.shape[0],):
             raise ValueError(
                 f"expected images (n, C, H, W) and labels (n,), got {tuple(images.shape)} "
                 f"and {tuple(labels.shape)}"
             )
-        self.images, self.labels = images, labels
+        if masks is not None:
+            wanted = (images.shape[0], 1, *images.shape[-2:])
+            if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+                raise TypeError(f"masks must be a bool tensor {wanted}, got {masks!r:.60}")
+            if tuple(masks.shape) != wanted:
+                raise ValueError(f"masks must have shape {wanted}, got {tuple(masks.shape)}")
+        self.images, self.labels, self.masks = images, labels, masks
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether items carry a mask."""
+        return self.masks is not None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])
+    def __getitem__(self, index: int) -> tuple:
+        if self.masks is None:
+            return self.images[index], int(self.labels[index])
+        return self.images[index], int(self.labels[index]), self.masks[index]
+
+    def fingerprint(self, n: int) -> str:
+        """SHA-256 (16 hex digits) of the first ``n`` images, labels and masks."""
+        digest = hashlib.sha256()
+        for tensor in (self.images, self.labels, self.masks):
+            if tensor is not None:
+                _update(digest, tensor[:n])
+        return digest.hexdigest()[:16]
 
 
-def as_dataset(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> Dataset:
-    """A dataset of ``(image, label)``: ``data`` itself, or a tensor pair wrapped."""
+def has_masks(dataset: Dataset) -> bool:
+    """Whether the items of ``dataset`` (or of the dataset a ``Subset`` takes) carry masks."""
+    if isinstance(dataset, Subset):
+        return has_masks(dataset.dataset)
+    return bool(getattr(dataset, "has_masks", False))
+
+
+def dataset_fingerprint(dataset: Dataset, n: int) -> str:
+    """A hash of the first ``n`` items: the dataset's ``fingerprint(n)`` where it has one.
+
+    A ``Subset`` hashes its indices and the whole dataset it takes from; other datasets are
+    read item by item (images, labels, masks; an unreadable item contributes its path and
+    reason).
+    """
+    if isinstance(dataset, Subset):
+        inner = dataset_fingerprint(dataset.dataset, len(dataset.dataset))
+        indices = torch.as_tensor(list(dataset.indices[:n]), dtype=torch.long)
+        digest = hashlib.sha256(inner.encode())
+        _update(digest, indices)
+        return digest.hexdigest()[:16]
+    if hasattr(dataset, "fingerprint"):
+        return dataset.fingerprint(n)
+    digest = hashlib.sha256()
+    for index in range(n):
+        try:
+            item = dataset[index]
+        except UnreadableImageError as error:
+            digest.update(f"unreadable:{error.path}:{error.reason};".encode())
+            continue
+        for part in item:
+            _update(digest, torch.as_tensor(part))
+    return digest.hexdigest()[:16]
+
+
+def as_dataset(data: Dataset | tuple[torch.Tensor, ...]) -> Dataset:
+    """A dataset: ``data`` itself, or an ``(images, labels[, masks])`` tuple wrapped."""
     if isinstance(data, tuple | list):
-        if len(data) != 2:
-            raise ValueError(f"expected an (images, labels) pair, got {len(data)} items")
+        if len(data) not in (2, 3):
+            raise ValueError(
+                f"expected an (images, labels) or (images, labels, masks) tuple, "
+                f"got {len(data)} items"
+            )
         return TensorPairDataset(*data)
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
-        raise TypeError(f"dataset must be a sized Dataset or (images, labels), got {type(data)}")
+        raise TypeError(
+            f"dataset must be a sized Dataset or (images, labels[, masks]), got {type(data)}"
+        )
     return data

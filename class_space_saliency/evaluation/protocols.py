@@ -19,10 +19,10 @@ from .._validation import check_choice
 UNITS = ("pixel", "patch", "token")
 ORDERS = ("positive", "negative")
 MODES = ("deletion", "insertion")
-BASELINES = ("black", "zero", "mean", "blur")
+BASELINES = ("black", "zero", "mean", "blur", "impute")
 SCORES = ("accuracy", "probability", "logit")
 CLASSES = ("label", "predicted")
-AUC_RULES = ("trapezoid", "trapezoid_percent", "max_normalised_sum")
+AUC_RULES = ("trapezoid", "trapezoid_percent", "max_normalised_sum", "mean")
 
 
 @dataclass(frozen=True)
@@ -38,24 +38,32 @@ class Protocol:
             (whole patches of the patch grid) or ``"token"`` (image tokens removed from the
             sequence after the position embeddings are added; timm ViTs only).
         order: ``"positive"``: the most salient units are perturbed first; ``"negative"``:
-            the least salient first.
+            the least salient first. Ties are broken in a random order seeded by the image's
+            own values, so curves do not depend on batching or sharding.
         mode: ``"deletion"``: perturbed units are replaced by the baseline (or removed);
             ``"insertion"``: the curve starts from the baseline and perturbed units are
             revealed.
         baseline: What hidden pixels show: ``"black"`` (0 in [0, 1] pixel space,
             re-normalised), ``"zero"`` (0 in normalised space), ``"mean"`` (per-channel
-            mean of the evaluated images), ``"blur"`` (Gaussian blur of the image); ``None``
-            for token removal.
+            mean of the evaluated images), ``"blur"`` (Gaussian blur of the image),
+            ``"impute"`` (noisy linear imputation from the kept pixels, see
+            :func:`~class_space_saliency.evaluation.imputation.noisy_linear_impute`; pixel
+            unit, deletion only); ``None`` for token removal.
         score: What is recorded at each step: ``"accuracy"`` (top-1 prediction equals the
             scored class), ``"probability"`` or ``"logit"`` of the scored class.
+        extra_scores: Further scores recorded beside ``score`` from the same forward passes
+            (records' ``extra_curves``); the AUC and report use ``score`` only.
         map_class: The class the saliency map explains: ``"label"`` or ``"predicted"``
             (the clean prediction).
         score_class: The class that is scored: ``"label"`` or ``"predicted"``.
         auc: ``"trapezoid"`` (``trapz(y, x)``), ``"trapezoid_percent"``
-            (``trapz(y, x) * 100``) or ``"max_normalised_sum"``
-            (``sum(y) / (max(y) * len(y))``, 0 for an all-zero curve).
+            (``trapz(y, x) * 100``), ``"mean"`` (``mean(y)``) or ``"max_normalised_sum"``
+            (``sum(y) / (max(y) * (len(y) + 1))``: for the every-count curve of N units,
+            ``sum(y) / (max(y) * N)`` as in the official vilas2023 code; 0 for an all-zero
+            curve).
         blur_kernel_size: Gaussian kernel size of the ``"blur"`` baseline.
         blur_sigma: Gaussian sigma of the ``"blur"`` baseline.
+        impute_noise: Noise std of the ``"impute"`` baseline (normalised space).
 
     Example:
         >>> import dataclasses
@@ -74,6 +82,8 @@ class Protocol:
     auc: str
     blur_kernel_size: int = 11
     blur_sigma: float = 5.0
+    extra_scores: tuple[str, ...] = ()
+    impute_noise: float = 0.01
 
     def __post_init__(self) -> None:
         check_choice("unit", self.unit, UNITS)
@@ -97,6 +107,14 @@ class Protocol:
             object.__setattr__(self, "steps", steps)
         if self.blur_kernel_size < 1 or self.blur_kernel_size % 2 == 0:
             raise ValueError(f"blur_kernel_size must be odd, got {self.blur_kernel_size}")
+        extra = tuple(self.extra_scores)
+        for score in extra:
+            check_choice("extra_scores", score, SCORES)
+        object.__setattr__(self, "extra_scores", extra)
+        if self.baseline == "impute" and (self.unit != "pixel" or self.mode != "deletion"):
+            raise ValueError("baseline='impute' needs unit='pixel' and mode='deletion'")
+        if not self.impute_noise >= 0:
+            raise ValueError(f"impute_noise must be >= 0, got {self.impute_noise!r}")
 
     @property
     def preset(self) -> str:
@@ -159,10 +177,27 @@ def _vilas2023(order: str) -> Protocol:
     )
 
 
+def _road2022(order: str) -> Protocol:
+    return Protocol(
+        name=f"road2022/{'morf' if order == 'positive' else 'lerf'}",
+        steps=tuple(i / 10 for i in range(1, 10)),
+        unit="pixel",
+        order=order,
+        mode="deletion",
+        baseline="impute",
+        score="probability",
+        map_class="label",
+        score_class="label",
+        auc="mean",
+        extra_scores=("accuracy",),
+    )
+
+
 PRESETS: dict[str, tuple[Protocol, ...]] = {
     "chefer2021": (_chefer2021("positive"), _chefer2021("negative")),
     "rise2018": (_rise2018("deletion"), _rise2018("insertion")),
     "vilas2023": (_vilas2023("positive"), _vilas2023("negative")),
+    "road2022": (_road2022("positive"), _road2022("negative")),
 }
 """Preset name -> its pair of curves.
 
@@ -176,7 +211,14 @@ PRESETS: dict[str, tuple[Protocol, ...]] = {
 - ``vilas2023`` (Vilas et al. 2023): image tokens removed from the sequence after the
   position embeddings; the positive test keeps the ``n`` least important, the negative test
   the ``n`` most important, ``n = 1 … N-1``; top-1 accuracy w.r.t. the label for maps of the
-  label; AUC ``sum(acc) / (max(acc) * steps)`` of the mean curve.
+  label; AUC ``sum(acc) / (max(acc) * N)`` of the mean curve, N the number of image tokens
+  (the official code's normaliser; ``N - 1`` curve points).
+- ``road2022`` (Rong et al. 2022, ROAD): the most (``morf``) or least (``lerf``) relevant
+  10, 20, …, 90 % of the pixels of the upsampled map of the label are removed and filled by
+  noisy linear imputation (noise std 0.01 in normalised space); probability of the label
+  (top-1 accuracy recorded too); AUC = mean over the nine percentiles. MoRF: lower is better;
+  LeRF: higher is better; the report adds ``road2022/combined`` = (LeRF - MoRF) / 2 per image
+  (higher is better).
 """
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for pair in PRESETS.values() for p in pair}
@@ -226,4 +268,5 @@ def protocol_to_dict(protocol: Protocol) -> dict:
     """All knobs of ``protocol`` as a JSON-ready dict (inverse: ``Protocol(**d)``)."""
     knobs = dataclasses.asdict(protocol)
     knobs["steps"] = None if protocol.steps is None else list(protocol.steps)
+    knobs["extra_scores"] = list(protocol.extra_scores)
     return knobs

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .curves import area_under_curve, curve_x
+from .localisation import METRICS
 from .protocols import Protocol, protocol_to_dict
-from .store import load_config, load_records
+from .store import LOCALISATION, load_config, load_records
 
 REFERENCE = "class_space"
 
@@ -65,6 +66,8 @@ class BenchmarkReport:
         rows: One :class:`MethodRow` per protocol x method.
         curves: ``{protocol: {method: (x, mean curve)}}``.
         skipped: Skip records of unreadable images (``image``, ``skipped`` path, ``reason``).
+        sections: Every table of the report, in order (see :class:`Section`).
+        missing: ``(section, method)`` pairs without any record.
         files: Files written by :func:`write_report`.
     """
 
@@ -74,6 +77,8 @@ class BenchmarkReport:
     rows: list[MethodRow]
     curves: dict[str, dict[str, tuple[list[float], list[float]]]]
     skipped: list[dict]
+    sections: list[Section] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
 
 
@@ -83,31 +88,55 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
+@dataclass(frozen=True)
+class Section:
+    """One table of the report: a curve of the config or a quantity derived from records.
+
+    Attributes:
+        name: ``"chefer2021/positive"``, ``"road2022/combined"``,
+            ``"localisation/pointing_game"`` ...
+        higher_is_better: Direction of the summary value.
+        rule: AUC rule applied to the mean curve (``"mean"`` for derived per-image values).
+        protocol: The config's protocol for curve sections, ``None`` for derived ones.
+        description: What a derived section shows (``""`` for curve sections).
+    """
+
+    name: str
+    higher_is_better: bool
+    rule: str
+    protocol: Protocol | None = None
+    description: str = ""
+
+
+ROAD_COMBINED = {"road2022/combined": ("road2022/lerf", "road2022/morf")}
+"""Derived section -> (LeRF curve, MoRF curve): per image (LeRF - MoRF) / 2 (Rong et al.)."""
+
+
 def _protocol_rows(
-    protocol: Protocol,
+    section: Section,
     curves: dict[str, np.ndarray],
     x: list[float],
     reference: str,
     n_boot: int,
     seed: int,
 ) -> list[MethodRow]:
-    """Rows of one protocol from aligned per-image curves ``{method: (n, S)}``."""
+    """Rows of one section from aligned per-image curves ``{method: (n, S)}``."""
     n = next(iter(curves.values())).shape[0]
     weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n
 
     def boot_auc(matrix: np.ndarray) -> np.ndarray:
-        return area_under_curve(weights @ matrix, x, protocol.auc)
+        return area_under_curve(weights @ matrix, x, section.rule)
 
-    aucs = {m: float(area_under_curve(c.mean(0), x, protocol.auc)) for m, c in curves.items()}
-    per_image = {m: area_under_curve(c, x, protocol.auc) for m, c in curves.items()}
+    aucs = {m: float(area_under_curve(c.mean(0), x, section.rule)) for m, c in curves.items()}
+    per_image = {m: area_under_curve(c, x, section.rule) for m, c in curves.items()}
     ref_boot = boot_auc(curves[reference]) if reference in curves else None
     rows = []
     for method, matrix in curves.items():
         boot = boot_auc(matrix)
-        row = MethodRow(protocol.name, method, n, aucs[method], *_interval(boot))
+        row = MethodRow(section.name, method, n, aucs[method], *_interval(boot))
         if ref_boot is not None and method != reference:
             ours, theirs = per_image[reference], per_image[method]
-            better = ours > theirs if protocol.higher_is_better else ours < theirs
+            better = ours > theirs if section.higher_is_better else ours < theirs
             diff = aucs[reference] - aucs[method]
             low, high = _interval(ref_boot - boot)
             row = dataclasses.replace(
@@ -121,6 +150,46 @@ def _protocol_rows(
     return rows
 
 
+def _per_image_values(
+    results: Sequence[dict], protocols: Sequence[Protocol], localised: bool
+) -> tuple[list[Section], dict[str, dict[tuple[str, int], list[float]]]]:
+    """Sections and their per-image curves ``{section: {(method, image): curve}}``."""
+    found: dict[str, dict[tuple[str, int], list[float]]] = {}
+    for r in results:
+        key = (r["method"], r["image"])
+        if r["protocol"] == LOCALISATION:
+            for metric, value in r["localisation"].items():
+                found.setdefault(f"{LOCALISATION}/{metric}", {})[key] = [value]
+        else:
+            found.setdefault(r["protocol"], {})[key] = r["curve"]
+    sections = [Section(p.name, p.higher_is_better, p.auc, p) for p in protocols]
+    names = {p.name for p in protocols}
+    for name, (lerf, morf) in ROAD_COMBINED.items():
+        if lerf in names and morf in names:
+            both = found.get(lerf, {}).keys() & found.get(morf, {}).keys()
+            found[name] = {
+                key: ((np.array(found[lerf][key]) - np.array(found[morf][key])) / 2).tolist()
+                for key in both
+            }
+            after = max(i for i, sec in enumerate(sections) if sec.name in (lerf, morf))
+            combined = Section(name, True, "mean", None, "(LeRF - MoRF) / 2 per image")
+            sections.insert(after + 1, combined)
+    if localised:
+        sections += [
+            Section(f"{LOCALISATION}/{metric}", True, "mean", None, LOCALISATION_TEXT[metric])
+            for metric in METRICS
+        ]
+    return sections, found
+
+
+LOCALISATION_TEXT = {
+    "pointing_game": "share of images whose map maximum lies in the mask",
+    "relevance_mass": "positive relevance inside the mask / all positive relevance",
+    "relevance_rank": "share of the K highest pixels inside the mask, K = mask area",
+    "mask_auroc": "ROC AUC of the map separating mask from background pixels",
+}
+
+
 def summarize(
     records: Sequence[dict],
     config: dict,
@@ -130,6 +199,11 @@ def summarize(
     seed: int = 0,
 ) -> BenchmarkReport:
     """Summarise benchmark records.
+
+    Every protocol of the config gets a section, and so do the derived quantities:
+    ``road2022/combined`` where both ROAD curves ran and ``localisation/<metric>`` for a
+    dataset with masks. A method without any record for a section is listed in
+    ``missing`` (the others are compared on the images they share).
 
     Args:
         records: Records of :func:`~class_space_saliency.evaluation.store.load_records`.
@@ -149,22 +223,31 @@ def summarize(
     results = [r for r in records if r.get("method") is not None]
     images = {r["image"]: r for r in results}
     correct = [r["prediction"] == r["label"] for r in images.values()]
-    found: dict[tuple[str, str], dict[int, list[float]]] = {}
-    for r in results:
-        found.setdefault((r["protocol"], r["method"]), {})[r["image"]] = r["curve"]
-    rows, mean_curves = [], {}
-    for protocol in protocols:
-        by_method = {m: found.get((protocol.name, m), {}) for m in methods}
-        common = sorted(set.intersection(*(set(images) for images in by_method.values())))
+    localised = bool(config.get("dataset", {}).get("masks")) or any(
+        r["protocol"] == LOCALISATION for r in results
+    )
+    sections, found = _per_image_values(results, protocols, localised)
+    rows, mean_curves, missing = [], {}, []
+    for section in sections:
+        values = found.get(section.name, {})
+        by_method = {m: {i: c for (method, i), c in values.items() if method == m} for m in methods}
+        missing += [(section.name, m) for m, curves in by_method.items() if not curves]
+        present = {m: curves for m, curves in by_method.items() if curves}
+        if not present:
+            continue
+        common = sorted(set.intersection(*(set(curves) for curves in present.values())))
         if not common:
+            missing += [(section.name, m) for m in present]
             continue
         curves = {
             m: np.array([image_curves[i] for i in common], dtype=np.float64)
-            for m, image_curves in by_method.items()
+            for m, image_curves in present.items()
         }
-        x = curve_x(protocol, next(iter(curves.values())).shape[1])
-        rows += _protocol_rows(protocol, curves, x, reference, n_boot, seed)
-        mean_curves[protocol.name] = {m: (x, c.mean(0).tolist()) for m, c in curves.items()}
+        width = next(iter(curves.values())).shape[1]
+        x = curve_x(section.protocol, width) if section.protocol else [1.0] * width
+        rows += _protocol_rows(section, curves, x, reference, n_boot, seed)
+        if section.protocol is not None:
+            mean_curves[section.name] = {m: (x, c.mean(0).tolist()) for m, c in curves.items()}
     return BenchmarkReport(
         config=config,
         clean_accuracy=float(np.mean(correct)) if correct else float("nan"),
@@ -172,6 +255,8 @@ def summarize(
         rows=rows,
         curves=mean_curves,
         skipped=[r for r in records if r.get("method") is None],
+        sections=sections,
+        missing=missing,
     )
 
 
@@ -191,24 +276,32 @@ def _markdown(report: BenchmarkReport, reference: str) -> str:
         f"- seed: {config['seed']}; intervals: 95 % bootstrap over images",
         "",
     ]
-    protocols = [Protocol(**knobs) for knobs in config["protocols"]]
-    for position, protocol in enumerate(protocols):
-        knobs = protocol_to_dict(protocol)
-        direction = "higher" if protocol.higher_is_better else "lower"
-        blur = {"blur_kernel_size", "blur_sigma"} if protocol.baseline != "blur" else set()
-        hidden = {"name", "steps", *blur}
-        shown = {k: v for k, v in knobs.items() if k not in hidden}
-        steps = "every count 1 … N-1" if protocol.steps is None else list(protocol.steps)
+    sections = report.sections
+    for position, section in enumerate(sections):
+        direction = "higher" if section.higher_is_better else "lower"
+        lines += [f"## {section.name} ({direction} is better)", ""]
+        protocol = section.protocol
+        if protocol is not None:
+            knobs = protocol_to_dict(protocol)
+            blur = {"blur_kernel_size", "blur_sigma"} if protocol.baseline != "blur" else set()
+            noise = {"impute_noise"} if protocol.baseline != "impute" else set()
+            extra = {"extra_scores"} if not protocol.extra_scores else set()
+            hidden = {"name", "steps", *blur, *noise, *extra}
+            shown = {k: v for k, v in knobs.items() if k not in hidden}
+            steps = "every count 1 … N-1" if protocol.steps is None else list(protocol.steps)
+            lines += [
+                "Knobs: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + f", steps={steps}",
+                "",
+            ]
+        else:
+            lines += [f"{section.description}; mean over images.", ""]
+        value = "AUC" if protocol is not None else "mean"
         lines += [
-            f"## {protocol.name} ({direction} is better)",
-            "",
-            "Knobs: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + f", steps={steps}",
-            "",
-            f"| method | images | AUC | 95 % CI | {reference} − method | 95 % CI "
+            f"| method | images | {value} | 95 % CI | {reference} − method | 95 % CI "
             f"| {reference} better |",
             "|---|---|---|---|---|---|---|",
         ]
-        for row in (r for r in report.rows if r.protocol == protocol.name):
+        for row in (r for r in report.rows if r.protocol == section.name):
             share = (
                 "" if row.share_reference_better is None else f"{row.share_reference_better:.1%}"
             )
@@ -218,12 +311,18 @@ def _markdown(report: BenchmarkReport, reference: str) -> str:
                 f"| [{_fmt(row.auc_low)}, {_fmt(row.auc_high)}] | {_fmt(row.diff)} | {diff_ci} "
                 f"| {share} |"
             )
+        lines += [
+            f"| {method} | 0 | missing (no records) | | | | |"
+            for name, method in report.missing
+            if name == section.name
+        ]
         lines.append("")
-        last_of_preset = (
-            position + 1 == len(protocols) or protocols[position + 1].preset != protocol.preset
+        preset = section.name.split("/")[0]
+        following = (
+            sections[position + 1].name.split("/")[0] if position + 1 < len(sections) else None
         )
-        if last_of_preset and protocol.name in report.curves:
-            lines += [f"![{protocol.preset}](curves_{protocol.preset}.png)", ""]
+        if following != preset and any(name.startswith(f"{preset}/") for name in report.curves):
+            lines += [f"![{preset}](curves_{preset}.png)", ""]
     if report.skipped:
         lines += ["## Unreadable images (skipped)", ""]
         lines += [f"- #{s['image']} `{s['skipped']}`: {s['reason']}" for s in report.skipped]
@@ -281,13 +380,22 @@ def write_report(
     Returns:
         The report, with the written paths in ``files``.
 
+    Raises:
+        ValueError: If the folder holds no result records (nothing is overwritten).
+
     Example:
         >>> write_report("runs/a").clean_accuracy
     """
     out_dir = Path(out_dir)
     config = load_config(out_dir)
     seed = config["seed"] if seed is None else seed
-    report = summarize(load_records(out_dir), config, reference=reference, n_boot=n_boot, seed=seed)
+    records = load_records(out_dir)
+    if not any(r.get("method") is not None for r in records):
+        raise ValueError(
+            f"{out_dir} holds no result records (results.rank*.jsonl or .jsonl.gz); "
+            "the report was not written"
+        )
+    report = summarize(records, config, reference=reference, n_boot=n_boot, seed=seed)
     markdown = out_dir / "report.md"
     markdown.write_text(_markdown(report, reference))
     table = out_dir / "report.csv"

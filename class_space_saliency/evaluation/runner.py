@@ -22,12 +22,13 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..methods import create_method
-from .curves import area_under_curve, check_token_model, perturbation_curves
-from .datasets import UnreadableImageError, as_dataset
+from .curves import area_under_curve, check_token_model, perturbation_scores
+from .datasets import UnreadableImageError, as_dataset, dataset_fingerprint, has_masks
 from .distributed import shard_from_env
+from .localisation import localisation
 from .protocols import Protocol, protocol_to_dict, resolve_protocols
 from .report import BenchmarkReport, write_report
-from .store import ResultStore, load_records, record_key
+from .store import LOCALISATION, ResultStore, load_records, record_key
 
 
 class Attributor(TypingProtocol):
@@ -110,28 +111,42 @@ def _evaluate_batch(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    masks: torch.Tensor | None,
     indices: Sequence[int],
     methods: Mapping[str, Attributor],
     protocols: Sequence[Protocol],
     curve_options: dict,
 ) -> list[dict]:
-    """Records of every method x protocol for one batch of images.
+    """Records of every method x protocol (and localisation, given masks) for one batch.
 
     ``curve_options`` are the keyword arguments of :func:`perturbation_curves` (mean, std,
-    max_batch_size, dataset_mean).
+    max_batch_size, dataset_mean). Localisation scores the map of the label.
     """
     with torch.no_grad():
         predictions = model(images).argmax(-1)
     classes = {"label": labels, "predicted": predictions}
+    needed = dict.fromkeys(p.map_class for p in protocols)
+    if masks is not None:
+        needed["label"] = None
     records = []
+
+    def record(row: int, name: str, protocol: str, target: torch.Tensor, **values) -> dict:
+        return {
+            "image": indices[row],
+            "method": name,
+            "protocol": protocol,
+            "label": int(labels[row]),
+            "prediction": int(predictions[row]),
+            "target": int(target[row]),
+            **values,
+        }
+
     for name, method in methods.items():
-        maps: dict[str, torch.Tensor] = {}
+        # one map per class the protocols (and localisation) ask for
+        maps = {c: method.attribute(images, target=classes[c]) for c in needed}
         for protocol in protocols:
-            if protocol.map_class not in maps:
-                maps[protocol.map_class] = method.attribute(
-                    images, target=classes[protocol.map_class]
-                )
-            x, curves = perturbation_curves(
+            target = classes[protocol.map_class]
+            x, scores = perturbation_scores(
                 model,
                 images,
                 maps[protocol.map_class],
@@ -139,42 +154,52 @@ def _evaluate_batch(
                 protocol,
                 **curve_options,
             )
+            curves = scores[protocol.score]
             aucs = area_under_curve(curves.numpy(), x, protocol.auc)
-            for row, index in enumerate(indices):
+            for row in range(len(indices)):
+                extra = {s: scores[s][row].tolist() for s in protocol.extra_scores}
                 records.append(
-                    {
-                        "image": index,
-                        "method": name,
-                        "protocol": protocol.name,
-                        "label": int(labels[row]),
-                        "prediction": int(predictions[row]),
-                        "target": int(classes[protocol.map_class][row]),
-                        "auc": float(aucs[row]),
-                        "curve": curves[row].tolist(),
-                    }
+                    record(
+                        row,
+                        name,
+                        protocol.name,
+                        target,
+                        auc=float(aucs[row]),
+                        curve=curves[row].tolist(),
+                        **({"extra_curves": extra} if extra else {}),
+                    )
                 )
+        if masks is not None:
+            scores = localisation(maps["label"], masks)
+            for row in range(len(indices)):
+                values = {metric: float(value[row]) for metric, value in scores.items()}
+                records.append(record(row, name, LOCALISATION, labels, localisation=values))
     return records
 
 
-def _load_batch(
-    dataset: Dataset, indices: Sequence[int], device: torch.device
-) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int], list[dict]]:
-    """Images and labels of the readable ``indices``, and skip records for the others."""
-    images, labels, readable, skipped = [], [], [], []
+def _load_batch(dataset: Dataset, indices: Sequence[int], device: torch.device) -> tuple:
+    """``(images, labels, masks or None, readable indices, skip records)`` of ``indices``.
+
+    ``images`` and ``labels`` are ``None`` when no image of ``indices`` is readable.
+    """
+    images, labels, masks, readable, skipped = [], [], [], [], []
     for index in indices:
         try:
-            image, label = dataset[index]
+            item = dataset[index]
         except UnreadableImageError as error:
             skipped.append({"image": index, "skipped": error.path, "reason": error.reason})
             continue
-        images.append(image)
-        labels.append(int(label))
+        images.append(item[0])
+        labels.append(int(item[1]))
+        if len(item) > 2:
+            masks.append(item[2])
         readable.append(index)
     if not images:
-        return None, None, readable, skipped
+        return None, None, None, readable, skipped
     return (
         torch.stack(images).to(device),
         torch.tensor(labels, device=device),
+        torch.stack(masks).to(device) if masks else None,
         readable,
         skipped,
     )
@@ -182,7 +207,7 @@ def _load_batch(
 
 def run_benchmark(
     model: nn.Module,
-    dataset: Dataset | tuple[torch.Tensor, torch.Tensor],
+    dataset: Dataset | tuple[torch.Tensor, ...],
     methods: Sequence[str] | Mapping[str, Attributor],
     protocols: Sequence[str | Protocol],
     mean: Sequence[float],
@@ -201,15 +226,19 @@ def run_benchmark(
     """Run the faithfulness benchmark and write its records and report to ``out_dir``.
 
     One record per image x method x protocol (curve, AUC, map class, prediction, label) is
-    appended to ``out_dir/results.rank{r}.jsonl`` after every batch. Rerunning with the
-    same arguments resumes: finished records are skipped and a cut-short last line is
-    dropped. Under ``torchrun --nproc_per_node K`` the images are sharded over the ranks.
+    appended to ``out_dir/results.rank{r}.jsonl`` after every batch; for a dataset with
+    masks, one more per image x method with the localisation scores of the label's map
+    (protocol ``"localisation"``, see :func:`~class_space_saliency.evaluation.localisation`).
+    Rerunning with the same arguments resumes: finished records are skipped and a cut-short
+    last line is dropped. Under ``torchrun --nproc_per_node K`` the images are sharded over
+    the ranks.
 
     Args:
         model: The classifier, on the device to run on.
-        dataset: Items ``(normalised image (C, H, W), label)``, or an
-            ``(images, labels)`` tensor pair. :class:`UnreadableImageError` items are
-            skipped and listed in the report.
+        dataset: Items ``(normalised image (C, H, W), label)`` or, where the dataset's
+            ``has_masks`` is True, ``(image, label, bool mask (1, H, W))``; or an
+            ``(images, labels[, masks])`` tensor tuple. :class:`UnreadableImageError` items
+            are skipped and listed in the report.
         methods: Registry names (see ``create_method``) or a mapping name -> object with
             ``attribute(inputs, target)``.
         protocols: Preset names (``"chefer2021"``), curve names (``"rise2018/deletion"``)
@@ -250,13 +279,19 @@ def run_benchmark(
     n_images = len(dataset) if n is None else min(int(n), len(dataset))
     device = _model_device(model)
     built, described = build_methods(model, methods, method_kwargs)
+    masked = has_masks(dataset)
     config = {
-        "format": 1,
+        "format": 2,
         "model": {
             "name": model_name or type(model).__name__,
             "fingerprint": model_fingerprint(model),
         },
-        "dataset": {"type": type(dataset).__name__, "size": len(dataset)},
+        "dataset": {
+            "type": type(dataset).__name__,
+            "size": len(dataset),
+            "fingerprint": dataset_fingerprint(dataset, len(dataset)),
+            "masks": masked,
+        },
         "n": n_images,
         "seed": seed,
         "mean": list(mean),
@@ -265,6 +300,8 @@ def run_benchmark(
         "protocols": [protocol_to_dict(p) for p in protocols],
     }
     wanted = [(name, p.name) for name in built for p in protocols]
+    if masked:
+        wanted += [(name, LOCALISATION) for name in built]
 
     with shard_from_env(device) as shard:
         store = ResultStore(out_dir, shard.rank)
@@ -305,11 +342,18 @@ def run_benchmark(
                     if (i, None, None) not in done and any((i, *w) not in done for w in wanted)
                 ]
                 if todo:
-                    images, labels, readable, skipped = _load_batch(dataset, todo, device)
+                    images, labels, masks, readable, skipped = _load_batch(dataset, todo, device)
                     records = skipped
                     if readable:
                         records += _evaluate_batch(
-                            model, images, labels, readable, built, protocols, curve_options
+                            model,
+                            images,
+                            labels,
+                            masks,
+                            readable,
+                            built,
+                            protocols,
+                            curve_options,
                         )
                     store.append(r for r in records if record_key(r) not in done)
                 bar.update(len(batch))

@@ -3,17 +3,21 @@
 Layout of ``out_dir``: ``config.json`` (what the run measures; checked on resume) and
 ``results.rank{r}.jsonl`` (one JSON record per line, appended and flushed per batch). Only
 newline-terminated lines count: a line cut short by a killed process is dropped on resume.
+Gzipped shards (``results.rank{r}.jsonl.gz``, as committed) are read too.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 CONFIG_FILE = "config.json"
-SHARD_GLOB = "results.rank*.jsonl"
+SHARD_GLOBS = ("results.rank*.jsonl", "results.rank*.jsonl.gz")
+LOCALISATION = "localisation"
+"""Protocol name of localisation records (one per image x method, for datasets with masks)."""
 
 
 def record_key(record: dict) -> tuple:
@@ -28,6 +32,8 @@ def _read_jsonl(path: Path) -> tuple[list[dict], int]:
     short); an invalid line before the last raises ``ValueError``.
     """
     data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
     lines = data.splitlines(keepends=True)
     records, valid = [], 0
     for number, line in enumerate(lines, 1):
@@ -145,22 +151,25 @@ class ResultStore:
             os.fsync(handle.fileno())
 
 
-def _rank_of(path: Path) -> int:
-    return int(path.name.removeprefix("results.rank").removesuffix(".jsonl"))
+def _rank_of(path: Path) -> tuple[int, bool]:
+    """Sort key of a shard: its rank, the plain file before the gzipped one."""
+    rank = path.name.removeprefix("results.rank").removesuffix(".gz").removesuffix(".jsonl")
+    return int(rank), path.suffix == ".gz"
 
 
 def load_records(out_dir: str | Path) -> list[dict]:
     """All complete records of a run folder, merged over the rank shards.
 
     Args:
-        out_dir: The folder ``run_benchmark`` wrote to.
+        out_dir: The folder ``run_benchmark`` wrote to (plain or gzipped shards).
 
     Returns:
         Records sorted by ``(image, method, protocol)``; where shards hold one key twice,
-        the lowest rank's record is kept.
+        the lowest rank's record is kept (a plain shard before its gzipped copy).
     """
     merged: dict[tuple, dict] = {}
-    for path in sorted(Path(out_dir).glob(SHARD_GLOB), key=_rank_of):
+    paths = [path for pattern in SHARD_GLOBS for path in Path(out_dir).glob(pattern)]
+    for path in sorted(paths, key=_rank_of):
         for record in _read_jsonl(path)[0]:
             merged.setdefault(record_key(record), record)
     return sorted(

@@ -8,7 +8,6 @@ classes, ``SobelSaliency(cnn, patch_size=8, num_classes=10)``.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._seeding import image_generator
 from ..adapters import UnsupportedModelError
 from ..adapters.base import pair
 from ..anatomy import patch_grid
@@ -128,18 +128,10 @@ class RandomSaliency(ControlSaliency):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.seed = seed
 
-    def _image_seed(self, image: torch.Tensor) -> int:
-        digest = hashlib.blake2b(image.detach().cpu().numpy().tobytes(), digest_size=8)
-        digest.update(self.seed.to_bytes(8, "little", signed=True))
-        return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
-
     def _attribute(
         self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
     ) -> torch.Tensor:
-        maps = [
-            torch.rand((1, *grid), generator=torch.Generator().manual_seed(self._image_seed(x)))
-            for x in inputs
-        ]
+        maps = [torch.rand((1, *grid), generator=image_generator(x, self.seed)) for x in inputs]
         return torch.stack(maps).to(inputs.device)
 
 

@@ -1,0 +1,155 @@
+"""Write the README's result tables from the committed benchmark JSON, or check them.
+
+Every table of the README sits between two marker comments::
+
+    <!-- table:MODEL/RUN/KIND:start -->
+    | method | ... |
+    <!-- table:MODEL/RUN/KIND:end -->
+
+``MODEL`` and ``RUN`` select ``models[MODEL][RUN]`` of ``benchmarks/results/faithfulness.json``
+(written by ``benchmarks/faithfulness.py``); ``KIND`` is ``faithfulness`` (one column per
+perturbation curve and derived ROAD value: AUC [95 % bootstrap interval]), ``localisation``
+(one column per localisation metric: mean [interval]), or either with ``-diff`` (paired
+difference ``reference - method`` [95 % interval]; the reference row is left out). The text
+between the markers is replaced; everything else of the README is left alone.
+
+Example:
+    python benchmarks/readme_tables.py            # rewrite the tables in README.md
+    python benchmarks/readme_tables.py --check    # exit 1 if README.md differs from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = re.compile(
+    r"(<!-- table:(?P<key>[\w.-]+/[\w.-]+/[\w-]+):start -->\n)(?P<body>.*?)"
+    r"(<!-- table:(?P=key):end -->)",
+    re.DOTALL,
+)
+LOCALISATION = "localisation/"
+
+
+def _decimals(section: dict) -> int:
+    return 1 if section["rule"] == "trapezoid_percent" else 3
+
+
+def _cell(value: float | None, low: float | None, high: float | None, decimals: int) -> str:
+    if value is None:
+        return ""
+    return f"{value:.{decimals}f} [{low:.{decimals}f}, {high:.{decimals}f}]"
+
+
+def render(run: dict, kind: str) -> str:
+    """The Markdown table of one run (``models[MODEL][RUN]`` of the JSON) for ``kind``.
+
+    Args:
+        run: ``{"sections": [{"name", "higher_is_better", "rule"}], "rows": [...],
+            "missing": [[section, method], ...]}``.
+        kind: ``faithfulness``, ``localisation``, ``faithfulness-diff`` or
+            ``localisation-diff``.
+
+    Returns:
+        The table, one line per method in row order, ending with a newline.
+
+    Raises:
+        ValueError: For an unknown kind or a run without sections of that kind.
+    """
+    base, _, diff = kind.partition("-")
+    if base not in ("faithfulness", "localisation") or diff not in ("", "diff"):
+        raise ValueError(f"unknown table kind {kind!r}")
+    sections = [
+        s for s in run["sections"] if s["name"].startswith(LOCALISATION) == (base == "localisation")
+    ]
+    if not sections:
+        raise ValueError(f"the run has no {base} results")
+    rows = {(r["protocol"], r["method"]): r for r in run["rows"]}
+    missing = {tuple(pair) for pair in run.get("missing", [])}
+    methods = list(dict.fromkeys(r["method"] for r in run["rows"]))
+    methods += [m for _, m in sorted(missing) if m not in methods]
+
+    def name(section: dict) -> str:
+        shown = section["name"].removeprefix(LOCALISATION)
+        return f"{shown} {'↑' if section['higher_is_better'] else '↓'}"
+
+    lines = [
+        "| method | " + " | ".join(name(s) for s in sections) + " |",
+        "|---" * (len(sections) + 1) + "|",
+    ]
+    for method in methods:
+        cells = []
+        for section in sections:
+            row = rows.get((section["name"], method))
+            if row is None:
+                cells.append("missing" if (section["name"], method) in missing else "")
+            elif diff:
+                cells.append(
+                    _cell(row["diff"], row["diff_low"], row["diff_high"], _decimals(section))
+                )
+            else:
+                cells.append(_cell(row["auc"], row["auc_low"], row["auc_high"], _decimals(section)))
+        if diff and not any(cells):
+            continue  # the reference
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fill(readme: str, results: dict) -> str:
+    """``readme`` with every marked table rewritten from ``results`` (the JSON).
+
+    Raises:
+        ValueError: For a marker naming a model, run or kind the JSON lacks, or for no
+            markers at all.
+    """
+
+    def replace(match: re.Match) -> str:
+        model, run, kind = match["key"].split("/")
+        try:
+            data = results["models"][model][run]
+        except KeyError:
+            raise ValueError(f"table {match['key']}: no results for {model}/{run}") from None
+        return match.group(1) + render(data, kind) + match.group(4)
+
+    text, count = MARKER.subn(replace, readme)
+    if not count:
+        raise ValueError("no <!-- table:MODEL/RUN/KIND:start --> markers found")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument(
+        "--results", type=Path, default=ROOT / "benchmarks" / "results" / "faithfulness.json"
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 if the README differs")
+    args = parser.parse_args(argv)
+    readme = args.readme.read_text()
+    try:
+        filled = fill(readme, json.loads(args.results.read_text()))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        if filled != readme:
+            stale = [
+                m["key"]
+                for m, n in zip(MARKER.finditer(readme), MARKER.finditer(filled), strict=True)
+                if m["body"] != n["body"]
+            ]
+            print(f"{args.readme} differs from {args.results} in: {', '.join(stale)}")
+            return 1
+        print(f"{args.readme} tables match {args.results}")
+        return 0
+    args.readme.write_text(filled)
+    print(f"wrote the tables of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""benchmarks/readme_tables.py: the README's result tables are what the committed JSON gives."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "readme_tables.py"
+tables = runpy.run_path(str(SCRIPT))
+
+
+def test_committed_readme_matches_committed_results():
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def run_fixture() -> dict:
+    return {
+        "sections": [
+            {"name": "chefer2021/positive", "higher_is_better": False, "rule": "trapezoid_percent"},
+            {"name": "road2022/combined", "higher_is_better": True, "rule": "mean"},
+            {"name": "localisation/pointing_game", "higher_is_better": True, "rule": "mean"},
+        ],
+        "rows": [
+            {
+                "protocol": "chefer2021/positive",
+                "method": "class_space",
+                "auc": 48.375,
+                "auc_low": 46.69,
+                "auc_high": 49.99,
+                "diff": None,
+                "diff_low": None,
+                "diff_high": None,
+            },
+            {
+                "protocol": "road2022/combined",
+                "method": "class_space",
+                "auc": 0.01234,
+                "auc_low": -0.0021,
+                "auc_high": 0.0306,
+                "diff": None,
+                "diff_low": None,
+                "diff_high": None,
+            },
+            {
+                "protocol": "chefer2021/positive",
+                "method": "random",
+                "auc": 35.8,
+                "auc_low": 34.3,
+                "auc_high": 37.3,
+                "diff": 12.575,
+                "diff_low": 10.04,
+                "diff_high": 14.96,
+            },
+            {
+                "protocol": "localisation/pointing_game",
+                "method": "random",
+                "auc": 0.25,
+                "auc_low": 0.2,
+                "auc_high": 0.3,
+                "diff": None,
+                "diff_low": None,
+                "diff_high": None,
+            },
+        ],
+        "missing": [["road2022/combined", "random"]],
+    }
+
+
+def test_render_by_hand():
+    run = run_fixture()
+    assert tables["render"](run, "faithfulness") == (
+        "| method | chefer2021/positive ↓ | road2022/combined ↑ |\n"
+        "|---|---|---|\n"
+        "| `class_space` | 48.4 [46.7, 50.0] | 0.012 [-0.002, 0.031] |\n"
+        "| `random` | 35.8 [34.3, 37.3] | missing |\n"
+    )
+    assert tables["render"](run, "faithfulness-diff") == (
+        "| method | chefer2021/positive ↓ | road2022/combined ↑ |\n"
+        "|---|---|---|\n"
+        "| `random` | 12.6 [10.0, 15.0] | missing |\n"
+    )
+    assert tables["render"](run, "localisation").splitlines()[0] == "| method | pointing_game ↑ |"
+    with pytest.raises(ValueError, match="kind"):
+        tables["render"](run, "speed")
+
+
+def test_check_fails_on_a_stale_readme_and_writing_fixes_it(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"format": 2, "models": {"m": {"main": run_fixture()}}}))
+    readme = tmp_path / "README.md"
+    start, end = (
+        "<!-- table:m/main/faithfulness:start -->",
+        "<!-- table:m/main/faithfulness:end -->",
+    )
+    stale = f"intro\n{start}\n| old |\n{end}\nrest\n"
+    readme.write_text(stale)
+    arguments = ["--readme", str(readme), "--results", str(results)]
+    assert tables["main"]([*arguments, "--check"]) == 1
+    assert readme.read_text() == stale
+    assert tables["main"](arguments) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- table:m/main/faithfulness:start -->\n| method |")
+    assert text.endswith(
+        "| `random` | 35.8 [34.3, 37.3] | missing |\n<!-- table:m/main/faithfulness:end -->\nrest\n"
+    )
+    assert tables["main"]([*arguments, "--check"]) == 0
+    readme.write_text(stale.replace("m/main", "other/main"))
+    assert tables["main"]([*arguments, "--check"]) == 2  # no such model in the JSON
+
+
+def test_faithfulness_script_writes_what_the_tables_read(tmp_path):
+    from test_evaluation_localisation_report import masks_for, run
+    from test_evaluation_runner import tiny_data
+
+    faithfulness = runpy.run_path(str(ROOT / "benchmarks" / "faithfulness.py"))
+    images, labels = tiny_data(4)
+    report = run((images, labels, masks_for(images)), tmp_path / "run")
+    path = tmp_path / "faithfulness.json"
+    faithfulness["update_results"](path, "toy", {"main": faithfulness["run_summary"](report)})
+    faithfulness["update_results"](path, "toy", {"ablation": faithfulness["run_summary"](report)})
+    results = json.loads(path.read_text())
+    assert set(results["models"]["toy"]) == {"main", "ablation"}  # runs are merged
+    main = results["models"]["toy"]["main"]
+    table = tables["render"](main, "faithfulness").splitlines()
+    assert table[0] == (
+        "| method | road2022/morf ↓ | road2022/lerf ↑ | road2022/combined ↑ "
+        "| vilas2023/positive ↓ |"
+    )
+    row = next(r for r in report.rows if r.protocol == "road2022/morf" and r.method == "random")
+    assert f"{row.auc:.3f} [{row.auc_low:.3f}, {row.auc_high:.3f}]" in table[3]
+    assert tables["render"](main, "localisation").splitlines()[0] == (
+        "| method | pointing_game ↑ | relevance_mass ↑ | relevance_rank ↑ | mask_auroc ↑ |"
+    )
+    assert len(tables["render"](main, "localisation-diff").splitlines()) == 3  # random only
