@@ -339,3 +339,23 @@ def test_token_removal_equals_the_models_own_attention_mask(family):
                 logits = out.logits
         want = logits[torch.arange(3), TARGET]
         torch.testing.assert_close(curves[:, step], want, atol=1e-5, rtol=1e-4)
+
+
+def test_benchmark_pixel_and_token_curves_read_hf_logits(tmp_path):
+    from class_space_saliency.evaluation import load_records, run_benchmark
+
+    model = make("vit")
+    images = images_for(3)
+    with torch.no_grad():
+        logits = model(images).logits  # the reference: HF's own output object
+    labels = logits.argmax(-1)
+    protocols = ["chefer2021/positive", "rise2018/deletion", "vilas2023/negative"]
+    run_benchmark(model, (images, labels), ["random"], protocols, (0.5,) * 3, (0.5,) * 3,
+                  tmp_path, progress=False, n_boot=10)  # fmt: skip
+    records = {(r["protocol"], r["image"]): r for r in load_records(tmp_path)}
+    probs = logits.softmax(-1)
+    for i in range(3):
+        assert records["chefer2021/positive", i]["curve"][0] == 1.0  # nothing removed yet
+        first = records["rise2018/deletion", i]["curve"][0]
+        assert abs(first - float(probs[i, labels[i]])) < 1e-5
+        assert len(records["vilas2023/negative", i]["curve"]) == 15  # 16 tokens

@@ -21,6 +21,7 @@ from torch import nn
 
 from .._seeding import image_generator
 from ..adapters import find_token_path
+from ..adapters.hf import hf_logits
 from ..methods.base import upsample_maps
 from .imputation import noisy_linear_impute
 from .protocols import Protocol
@@ -197,7 +198,7 @@ def _image_forward(
         mask = visible.view(-1, 1, *grid)
         if mask.shape[-2:] != images.shape[-2:]:
             mask = F.interpolate(mask.float(), size=images.shape[-2:], mode="nearest").bool()
-        return model(torch.where(mask, images[rows], baseline[rows]))
+        return hf_logits(model(torch.where(mask, images[rows], baseline[rows])))
 
     return forward
 
@@ -222,7 +223,7 @@ def _imputed_forward(
             )
             for i, row in enumerate(rows.tolist())
         ]
-        return model(torch.cat(filled))
+        return hf_logits(model(torch.cat(filled)))
 
     return forward
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..adapters.hf import hf_logits
 from ..methods import create_method
 from .curves import area_under_curve, check_token_model, perturbation_scores
 from .datasets import UnreadableImageError, as_dataset, dataset_fingerprint, has_masks
@@ -123,7 +124,7 @@ def _evaluate_batch(
     max_batch_size, dataset_mean). Localisation scores the map of the label.
     """
     with torch.no_grad():
-        predictions = model(images).argmax(-1)
+        predictions = hf_logits(model(images)).argmax(-1)
     classes = {"label": labels, "predicted": predictions}
     needed = dict.fromkeys(p.map_class for p in protocols)
     if masks is not None:
