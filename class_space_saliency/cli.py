@@ -184,12 +184,14 @@ def attribute(args: argparse.Namespace) -> int:
             f"(it applies to {', '.join(_layer_methods())})"
         )
     try:
-        model, prep = load_model(args.model, weights=args.weights, class_names=args.class_names)
+        model, prep = load_model(
+            args.model, weights=args.weights, class_names=args.class_names, prompts=args.prompts
+        )
         target = None if args.target is None else prep.class_index(args.target)
         paths = expand_image_paths(args.images)
         options = {} if args.layer is None else {"layer": args.layer}
         explainers = {name: create_method(name, model, **options) for name in args.methods}
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError, ImportError) as error:
         return _error(error)
     out.mkdir(parents=True, exist_ok=True)
     failures, records, warned = 0, [], False
@@ -374,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     attr.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...) and/or folders")
     attr.add_argument("--model", default="default", help="'default', a timm name or a .json")
     attr.add_argument("--weights", default=None, help="local weights (state dict) for a timm model")
+    attr.add_argument(
+        "--prompts",
+        nargs="+",
+        default=None,
+        metavar="TEXT",
+        help="for --model open_clip:ARCH[:TAG]: the text prompts that are the classes",
+    )
     attr.add_argument(
         "--class-names",
         default=None,

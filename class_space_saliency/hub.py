@@ -1,10 +1,14 @@
-"""Loading Hugging Face hub image classifiers (``load_model("hf:ORG/NAME")``).
+"""Loading hub models: Hugging Face image classifiers (``load_model("hf:ORG/NAME")``) and
+open_clip zero-shot classifiers (``load_model("open_clip:ARCH:TAG", prompts=...)``).
 
-Kept apart from :mod:`.models` so that ``transformers`` stays an optional extra
-(``pip install class-space-saliency[hf]``).
+Kept apart from :mod:`.models` so that ``transformers`` and ``open_clip_torch`` stay optional
+extras (``pip install class-space-saliency[hf]`` / ``[clip]``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -57,3 +61,69 @@ def load_hf(name: str, device: str | torch.device = "cpu"):
         class_names=tuple(labels[i] for i in range(len(labels))) if labels else None,
     )
     return model.to(device).eval(), preprocessing
+
+
+def load_open_clip(
+    spec: str,
+    prompts: Sequence[str] | None,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+):
+    """An open_clip model as a zero-shot classifier over ``prompts``, with its preprocessing.
+
+    Args:
+        spec: ``"ARCH"`` or ``"ARCH:TAG"`` (``load_model`` strips ``open_clip:``), e.g.
+            ``"ViT-B-32:laion2b_s34b_b79k"``; the tag's weights download (needs the network).
+        prompts: The classes, one text prompt each (at least two).
+        weights: A local open_clip checkpoint instead of a tag.
+        device: Where to put the model.
+
+    Returns:
+        ``(zero-shot classifier in eval mode, Preprocessing)`` whose class names are the
+        prompts (see :func:`~class_space_saliency.models.zero_shot_clip`).
+
+    Raises:
+        ImportError: If ``open_clip_torch`` is not installed.
+        ValueError: For fewer than two prompts, an unknown architecture, or neither a tag
+            nor ``weights``.
+        RuntimeError: If the weights cannot be fetched or read.
+
+    Example:
+        >>> model, prep = load_open_clip("ViT-B-32:openai", ["a photo of a cat", "a dog"])
+    """
+    from .clip import zero_shot_clip
+    from .models import Preprocessing
+
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError(
+            "'open_clip:' models need open_clip_torch: pip install class-space-saliency[clip]"
+        ) from error
+    if prompts is None or isinstance(prompts, str) or len(prompts) < 2:
+        raise ValueError(f"prompts must be two or more text prompts (the classes), got {prompts!r}")
+    arch, _, tag = spec.partition(":")
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {arch!r} (see open_clip.list_models())")
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file {weights} does not exist")
+    pretrained = str(weights) if weights is not None else tag or None
+    if pretrained is None:
+        raise ValueError(f"give a pretrained tag (open_clip:{arch}:TAG) or weights=FILE")
+    try:
+        clip, _, transform = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+    except Exception as error:  # network, unknown tags and bad files surface as many types
+        raise RuntimeError(
+            f"could not load open_clip {spec!r} with {pretrained!r}: {error}"
+        ) from error
+    classifier = zero_shot_clip(clip.eval(), open_clip.get_tokenizer(arch), list(prompts))
+    visual = clip.visual
+    size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
+    preprocessing = Preprocessing(
+        mean=tuple(visual.image_mean or open_clip.OPENAI_DATASET_MEAN),
+        std=tuple(visual.image_std or open_clip.OPENAI_DATASET_STD),
+        input_size=(3, *size),
+        class_names=tuple(prompts),
+        transform=transform,
+    )
+    return classifier.to(device).eval(), preprocessing

@@ -192,6 +192,7 @@ def load_model(
     *,
     num_classes: int | None = None,
     class_names: Sequence[str] | str | Path | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> tuple[nn.Module, Preprocessing]:
     """Load a model and its preprocessing.
 
@@ -199,7 +200,9 @@ def load_model(
         name_or_path: ``"default"`` (the default embedded model), an embedded model's name
             (``"fashion-scenes"``, ``"fashion"``), a JSON config written by
             ``benchmarks/train_default_model.py`` (weights next to it), a timm model name,
-            or ``"hf:ORG/NAME"`` (a Hugging Face hub image classifier, needs the network).
+            ``"hf:ORG/NAME"`` (a Hugging Face hub image classifier, needs the network) or
+            ``"open_clip:ARCH[:TAG]"`` (a CLIP zero-shot classifier over ``prompts``; the tag's
+            weights need the network, or pass ``weights``).
         weights: For timm names: a local ``.safetensors``/``.pth`` state dict, e.g. your own
             fine-tuned checkpoint. Without it, timm's pretrained weights are downloaded
             (needs the network).
@@ -207,6 +210,7 @@ def load_model(
         num_classes: Classes of the head. Default: inferred from ``weights`` (the shape of
             its head), else from ``class_names``, else the model's default (1000 for timm).
         class_names: Names of the classes in index order, or a text file with one per line.
+        prompts: For ``open_clip:`` models: the text prompts that are the classes.
             Default: the ImageNet names for a 1000-class timm model, else none (numbers).
 
     Returns:
@@ -229,6 +233,10 @@ def load_model(
         class_names = tuple(str(name) for name in class_names)
     if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if name_or_path.startswith("open_clip:"):  # CLIP zero-shot (optional extra)
+        from .hub import load_open_clip
+
+        return load_open_clip(name_or_path.removeprefix("open_clip:"), prompts, weights, device)
     if name_or_path.startswith("hf:"):  # Hugging Face hub (optional extra)
         from .hub import load_hf
 

@@ -201,3 +201,45 @@ def test_controls_on_the_patch_grid():
 
     images = images_for()
     torch.testing.assert_close(SobelSaliency(make()[1]).attribute(images), sobel_by_hand(images, 8))
+
+
+def test_load_model_and_cli_take_open_clip_with_prompts(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from class_space_saliency.cli import main
+    from class_space_saliency.models import load_model
+
+    config = dict(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "tiny-css-test.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "cfg")
+    torch.manual_seed(0)
+    clip = open_clip.create_model("tiny-css-test", pretrained=None)
+    torch.save(clip.state_dict(), tmp_path / "tiny.pt")
+    prompts = ["a photo of a cat", "a photo of a dog", "a tree"]
+    model, prep = load_model(
+        "open_clip:tiny-css-test", weights=tmp_path / "tiny.pt", prompts=prompts
+    )
+    assert prep.class_names == tuple(prompts) and prep.input_size == (3, 32, 32)
+    reference = zero_shot_clip(clip.eval(), open_clip.get_tokenizer("tiny-css-test"), prompts)
+    images = images_for(2)
+    torch.testing.assert_close(model(images), reference(images))
+    with pytest.raises(ValueError, match="prompts"):
+        load_model("open_clip:tiny-css-test", weights=tmp_path / "tiny.pt")
+    with pytest.raises(ValueError, match="tag"):
+        load_model("open_clip:tiny-css-test", prompts=prompts)
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    out = tmp_path / "out"
+    code = main(["attribute", str(tmp_path / "red.png"), "--model", "open_clip:tiny-css-test",
+                 "--weights", str(tmp_path / "tiny.pt"), "--prompts", *prompts,
+                 "--target", "a tree", "--save-maps", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    record = json.loads((out / "predictions.json").read_text())[0]
+    assert record["target"]["name"] == "a tree"
+    assert {c["name"] for c in record["top5"]} == set(prompts)

@@ -55,6 +55,13 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
     parser.add_argument("--model", default="default", help="model name or path")
     parser.add_argument("--weights", default=None, help="weights file for the model")
     parser.add_argument(
+        "--prompts",
+        nargs="+",
+        default=None,
+        metavar="TEXT",
+        help="for --model open_clip:ARCH[:TAG]: the text prompts that are the classes",
+    )
+    parser.add_argument(
         "--class-names", default=None, metavar="FILE", help="class names, one per line"
     )
     parser.add_argument(
@@ -125,7 +132,9 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        model, preprocessing = load_model(args.model, args.weights, class_names=args.class_names)
+        model, preprocessing = load_model(
+            args.model, args.weights, class_names=args.class_names, prompts=args.prompts
+        )
         if args.data is None:
             from ..data import load_default_eval
 
