@@ -6,7 +6,12 @@ Every table of the README sits between two marker comments::
     | method | ... |
     <!-- table:MODEL/RUN/KIND:end -->
 
-``MODEL`` and ``RUN`` select ``models[MODEL][RUN]`` of ``benchmarks/results/faithfulness.json``
+``MODEL/demo/identifiability`` tables come from the demo summary of that embedded model
+(``docs/demo_summary.json`` for fashion-scenes, ``docs/fashion/demo_summary.json`` for fashion,
+written by ``class-space-saliency demo``): class identifiability by block.
+
+Otherwise ``MODEL`` and ``RUN`` select ``models[MODEL][RUN]`` of
+``benchmarks/results/faithfulness.json``
 (written by ``benchmarks/faithfulness.py``); ``KIND`` is ``faithfulness`` (one column per
 perturbation curve and derived ROAD value: AUC [95 % bootstrap interval]), ``localisation``
 (one column per localisation metric: mean [interval]), or either with ``-diff`` (paired
@@ -33,6 +38,10 @@ MARKER = re.compile(
     re.DOTALL,
 )
 LOCALISATION = "localisation/"
+DEMO_SUMMARIES = {
+    "fashion-scenes": ROOT / "docs" / "demo_summary.json",
+    "fashion": ROOT / "docs" / "fashion" / "demo_summary.json",
+}
 
 
 def _decimals(section: dict) -> int:
@@ -99,6 +108,25 @@ def render(run: dict, kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_identifiability(summary: dict) -> str:
+    """Class identifiability by block (residual stream) from a demo summary, as Markdown."""
+    table = summary["identifiability"]
+    blocks = [layer + 1 for layer in table["layers"]]
+    rows = [
+        ("image tokens whose top-1 class is the label (%)", table["token_rate"], ".2f"),
+        ("mean normalised rank of the label, image tokens", table["token_rank"], ".3f"),
+    ]
+    if table.get("cls_rate") is not None:
+        rows.append(("[CLS] top-1 = label (%)", table["cls_rate"], ".1f"))
+    lines = [
+        "| block | " + " | ".join(str(b) for b in blocks) + " |",
+        "|---" * (len(blocks) + 1) + "|",
+    ]
+    lines += [f"| {name} | " + " | ".join(f"{v:{fmt}}" for v in values) + " |"
+              for name, values, fmt in rows]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def fill(readme: str, results: dict) -> str:
     """``readme`` with every marked table rewritten from ``results`` (the JSON).
 
@@ -109,6 +137,11 @@ def fill(readme: str, results: dict) -> str:
 
     def replace(match: re.Match) -> str:
         model, run, kind = match["key"].split("/")
+        if kind == "identifiability":
+            if model not in DEMO_SUMMARIES:
+                raise ValueError(f"table {match['key']}: no demo summary for {model}")
+            summary = json.loads(DEMO_SUMMARIES[model].read_text())
+            return match.group(1) + render_identifiability(summary) + match.group(4)
         try:
             data = results["models"][model][run]
         except KeyError:

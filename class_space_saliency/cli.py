@@ -376,13 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     attr.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...) and/or folders")
     attr.add_argument("--model", default="default", help="'default', a timm name or a .json")
     attr.add_argument("--weights", default=None, help="local weights (state dict) for a timm model")
-    attr.add_argument(
-        "--prompts",
-        nargs="+",
-        default=None,
-        metavar="TEXT",
-        help="for --model open_clip:ARCH[:TAG]: the text prompts that are the classes",
-    )
+    from .evaluation.cli import add_prompts_argument
+
+    add_prompts_argument(attr)
     attr.add_argument(
         "--class-names",
         default=None,

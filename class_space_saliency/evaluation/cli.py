@@ -16,6 +16,17 @@ from .runner import run_benchmark
 DEFAULT_METHODS = ("class_space", "gradcam", "rollout", "chefer", "random", "sobel", "intensity")
 
 
+def add_prompts_argument(parser: argparse.ArgumentParser) -> None:
+    """``--prompts TEXT ...``: the classes of an ``open_clip:`` model."""
+    parser.add_argument(
+        "--prompts",
+        nargs="+",
+        default=None,
+        metavar="TEXT",
+        help="for --model open_clip:ARCH[:TAG]: the text prompts that are the classes",
+    )
+
+
 def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``benchmark`` on a subparsers object.
 
@@ -54,13 +65,7 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
     )
     parser.add_argument("--model", default="default", help="model name or path")
     parser.add_argument("--weights", default=None, help="weights file for the model")
-    parser.add_argument(
-        "--prompts",
-        nargs="+",
-        default=None,
-        metavar="TEXT",
-        help="for --model open_clip:ARCH[:TAG]: the text prompts that are the classes",
-    )
+    add_prompts_argument(parser)
     parser.add_argument(
         "--class-names", default=None, metavar="FILE", help="class names, one per line"
     )

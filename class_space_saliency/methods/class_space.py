@@ -113,20 +113,6 @@ class ClassSpaceSaliency(SaliencyMethod):
         per_layer: bool,
         combine: str,
     ) -> torch.Tensor:
-        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-            return self._maps(inputs, target, grid, layers, component, score, per_layer, combine)
-
-    def _maps(
-        self,
-        inputs: torch.Tensor,
-        target: torch.Tensor | None,
-        grid: tuple[int, int],
-        layers: list[int],
-        component: str,
-        score: str,
-        per_layer: bool,
-        combine: str,
-    ) -> torch.Tensor:
         prefix = self.anatomy.num_prefix_tokens
 
         def image_scores(_: str, __: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -139,13 +125,15 @@ class ClassSpaceSaliency(SaliencyMethod):
         # block is kept; for the predicted class the image tokens wait for the output.
         reduce = image_tokens if target is None else image_scores
         unique = list(dict.fromkeys(layers))
-        with self.anatomy.capture([(component, b) for b in unique], reduce=reduce) as cap:
-            cap.output = self.anatomy.forward(inputs)
-        if target is None:
-            target = cap.output.argmax(-1)
-            for key, tokens in cap.tokens.items():
-                cap.tokens[key] = token_scores(self.anatomy, tokens, target, score)
-        maps = torch.stack([tokens_to_grid(cap.tokens[(component, b)], grid) for b in layers], 1)
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            with self.anatomy.capture([(component, b) for b in unique], reduce=reduce) as cap:
+                cap.output = self.anatomy.forward(inputs)
+            if target is None:
+                target = cap.output.argmax(-1)
+                for key, tokens in cap.tokens.items():
+                    cap.tokens[key] = token_scores(self.anatomy, tokens, target, score)
+            maps = [tokens_to_grid(cap.tokens[(component, b)], grid) for b in layers]
+        maps = torch.stack(maps, 1)
         if per_layer:
             return maps
         return maps.mean(1, keepdim=True) if combine == "mean" else maps.sum(1, keepdim=True)
