@@ -340,7 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .models import DEFAULT_MODEL, EMBEDDED_MODELS
 
-    demo_parser = commands.add_parser("demo", help="figures and summary on an embedded model")
+    demo_parser = commands.add_parser(
+        "demo",
+        help="figures and summary on an embedded model",
+        formatter_class=HelpFormatter,
+        epilog="example:\n  class-space-saliency demo --model fashion --out demo_fashion",
+    )
     demo_parser.add_argument("--out", default="demo_out", help="output folder")
     demo_parser.add_argument(
         "--model",
@@ -352,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "--methods",
         nargs="+",
-        default=[m for m in (*DEMO_METHODS, *sorted(METHODS)) if m in METHODS],
+        default=[m for m in dict.fromkeys((*DEMO_METHODS, *sorted(METHODS))) if m in METHODS],
         choices=sorted(METHODS),
         help="methods for the side-by-side figure",
     )

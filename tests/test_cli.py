@@ -128,7 +128,7 @@ def test_module_entry_point_usage_error_is_one_line():
 
 
 def test_help_shows_defaults_choices_and_an_example(capsys):
-    for command in ("attribute", "sanity", "benchmark"):
+    for command in ("demo", "attribute", "sanity", "benchmark"):
         with pytest.raises(SystemExit) as exited:
             main([command, "--help"])
         assert exited.value.code == 0
