@@ -359,3 +359,18 @@ def test_benchmark_pixel_and_token_curves_read_hf_logits(tmp_path):
         first = records["rise2018/deletion", i]["curve"][0]
         assert abs(first - float(probs[i, labels[i]])) < 1e-5
         assert len(records["vilas2023/negative", i]["curve"]) == 15  # 16 tokens
+
+
+def test_controls_on_the_patch_grid(family):
+    import torch.nn.functional as F
+    from test_swin_and_controls import sobel_by_hand
+
+    model = make(family)
+    images = images_for()
+    want = F.avg_pool2d(images.mean(1, keepdim=True), 8)  # mean brightness per 8x8 patch
+    torch.testing.assert_close(create_method("intensity", model).attribute(images, 0), want)
+    torch.testing.assert_close(
+        create_method("sobel", model).attribute(images), sobel_by_hand(images, 8)
+    )
+    noise = create_method("random", model).attribute(images)
+    assert noise.shape == (3, 1, 4, 4) and ((noise >= 0) & (noise < 1)).all()

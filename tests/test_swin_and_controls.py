@@ -20,7 +20,7 @@ from class_space_saliency import (
 )
 from class_space_saliency.adapters import UnsupportedModelError
 from class_space_saliency.evaluation.curves import check_token_model
-from class_space_saliency.methods import create_method
+from class_space_saliency.methods import METHODS, create_method
 
 TARGET = torch.tensor([0, 4, 6])
 SWIN = dict(window_size=2, embed_dim=16, depths=(1, 2), num_heads=(1, 2))
@@ -191,3 +191,11 @@ def test_controls_work_on_a_cnn():
         SobelSaliency(model)
     with pytest.raises(UnsupportedModelError, match="cannot find the ViT anatomy"):
         ClassSpaceSaliency(model)
+
+
+def test_model_methods_refuse_a_cnn_with_a_reason():
+    model = TinyCNN().eval()
+    controls = {"random", "sobel", "intensity"}
+    for name in sorted(set(METHODS) - controls):
+        with pytest.raises(UnsupportedModelError, match=r"looked for|cannot find"):
+            create_method(name, model)
