@@ -17,6 +17,7 @@ from class_space_saliency import (
     IntensitySaliency,
     RandomSaliency,
     SobelSaliency,
+    class_identifiability,
 )
 from class_space_saliency.adapters import UnsupportedModelError
 from class_space_saliency.evaluation.curves import check_token_model
@@ -199,3 +200,7 @@ def test_model_methods_refuse_a_cnn_with_a_reason():
     for name in sorted(set(METHODS) - controls):
         with pytest.raises(UnsupportedModelError, match=r"looked for|cannot find"):
             create_method(name, model)
+    with pytest.raises(UnsupportedModelError, match=r"looked for|cannot find"):
+        class_identifiability(model, images_for(2), torch.tensor([0, 1]))
+    with pytest.raises(TypeError):
+        check_token_model(model)
