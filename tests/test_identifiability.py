@@ -9,7 +9,7 @@ from conftest import input_for, make_model, prefix_of, reference_project, refere
 from class_space_saliency import class_identifiability
 
 
-@pytest.mark.parametrize("family", ["plain", "registers", "avgpool", "torchvision"])
+@pytest.mark.parametrize("family", ["plain", "distilled", "registers", "avgpool", "torchvision"])
 def test_identifiability_matches_hand_computation(family):
     model = make_model(family)
     images = input_for(family, batch=5)

@@ -204,3 +204,21 @@ def test_model_methods_refuse_a_cnn_with_a_reason():
         class_identifiability(model, images_for(2), torch.tensor([0, 1]))
     with pytest.raises(TypeError):
         check_token_model(model)
+
+
+@pytest.mark.parametrize("kind", ["timm", "hf"])
+def test_swin_identifiability_on_the_last_stage(kind):
+    model = timm_swin() if kind == "timm" else hf_swin()
+    images, labels = images_for(), torch.tensor([0, 3, 6])
+    result = class_identifiability(model, images, labels)
+    with torch.no_grad():  # the model's own final norm and per-position head, by hand
+        if kind == "timm":
+            logits = model.head.fc(model.forward_features(images)).flatten(1, 2)
+        else:
+            logits = model.classifier(model.swin(images).last_hidden_state)
+    label_logit = logits[torch.arange(3), :, labels]
+    rank = 1 - (logits > label_logit[..., None]).sum(-1).float() / logits.shape[-1]
+    rate = (logits.argmax(-1) == labels[:, None]).float().mean(1).mean() * 100
+    torch.testing.assert_close(result.token_rank[-1], rank.mean())
+    torch.testing.assert_close(result.token_rate[-1], rate)
+    assert result.cls_rank is None and result.cls_rate is None
