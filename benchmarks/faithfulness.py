@@ -36,12 +36,13 @@ from class_space_saliency.models import load_default
 MODELS = ("fashion", "fashion-scenes")
 PROTOCOLS = ("chefer2021", "rise2018", "vilas2023", "road2022")
 # name -> ClassSpaceSaliency options; "class_space" (the default: last block, logit) is the
-# reference every variant is compared with. Blocks are counted from 1 in the names.
+# reference every variant is compared with. Layers are numbered from 0 in the names, as the
+# API's layer= (the committed first run named them from 1: cs_block5 = cs_layer4).
 ABLATION = {
     "class_space": {},
-    "cs_block5": {"layer": -2},
-    "cs_block4": {"layer": -3},
-    "cs_blocks4-6": {"layer": [-3, -2, -1]},
+    "cs_layer4": {"layer": -2},
+    "cs_layer3": {"layer": -3},
+    "cs_layers3-5": {"layer": [-3, -2, -1]},
     "cs_all_blocks": {"layer": "all"},
     "cs_probability": {"score": "probability"},
     "cs_rank": {"score": "rank"},

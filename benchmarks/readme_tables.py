@@ -111,7 +111,7 @@ def render(run: dict, kind: str) -> str:
 def render_identifiability(summary: dict) -> str:
     """Class identifiability by block (residual stream) from a demo summary, as Markdown."""
     table = summary["identifiability"]
-    blocks = [layer + 1 for layer in table["layers"]]
+    layers = table["layers"]
     rows = [
         ("image tokens whose top-1 class is the label (%)", table["token_rate"], ".2f"),
         ("mean normalised rank of the label, image tokens", table["token_rank"], ".3f"),
@@ -119,8 +119,8 @@ def render_identifiability(summary: dict) -> str:
     if table.get("cls_rate") is not None:
         rows.append(("[CLS] top-1 = label (%)", table["cls_rate"], ".1f"))
     lines = [
-        "| block | " + " | ".join(str(b) for b in blocks) + " |",
-        "|---" * (len(blocks) + 1) + "|",
+        "| layer | " + " | ".join(str(layer) for layer in layers) + " |",
+        "|---" * (len(layers) + 1) + "|",
     ]
     lines += [f"| {name} | " + " | ".join(f"{v:{fmt}}" for v in values) + " |"
               for name, values, fmt in rows]  # fmt: skip

@@ -66,7 +66,7 @@ def demo(args: argparse.Namespace) -> int:
     ]
 
     per_layer = ClassSpaceSaliency(model).attribute(x, target=y, layer="all", per_layer=True)
-    columns = {f"block {b + 1}": per_layer[:, b] for b in range(per_layer.shape[1])}
+    columns = {f"layer {b}": per_layer[:, b] for b in range(per_layer.shape[1])}
     save_figure(saliency_grid(raw[rows], columns, titles), out / "class_space_layers.png")
 
     methods = [m for m in args.methods if m in METHODS]

@@ -123,13 +123,13 @@ class Identifiability:
         )
 
     def __str__(self) -> str:
-        header = f"{'block':>5} {'img rank':>9} {'img rate %':>10}"
+        header = f"{'layer':>5} {'img rank':>9} {'img rate %':>10}"
         if self.cls_rank is not None:
             header += f" {'cls rank':>9} {'cls top-1 %':>11}"
         title = f"class identifiability ({self.component}, {self.num_images} images)"
-        lines = [f"{title}; block b = layer index b - 1", header]
+        lines = [title, header]
         for i, layer in enumerate(self.layers):
-            line = f"{layer + 1:>5} {self.token_rank[i]:>9.4f} {self.token_rate[i]:>10.2f}"
+            line = f"{layer:>5} {self.token_rank[i]:>9.4f} {self.token_rate[i]:>10.2f}"
             if self.cls_rank is not None:
                 line += f" {self.cls_rank[i]:>9.4f} {self.cls_rate[i]:>11.2f}"
             lines.append(line)

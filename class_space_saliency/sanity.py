@@ -100,9 +100,10 @@ def randomization_cascade(model: nn.Module, seed: int = 0) -> Iterator[tuple[str
     """Randomise a deep copy of ``model`` top-down, one step at a time (cumulative).
 
     Yields ``("original", copy)`` first, then ``("head", copy)`` once the head(s) and the
-    final norm are redrawn, then ``("block L", copy)`` ... ``("block 1", copy)`` as each block
-    is redrawn in turn, last block first (see the module docstring for how). It is always
-    the same copy, changed in place; ``model`` itself is never touched.
+    final norm are redrawn, then ``("layer L-1", copy)`` ... ``("layer 0", copy)`` as each
+    block is redrawn in turn, last block first (layers numbered from 0, as ``layer=``; see the
+    module docstring for how). It is always the same copy, changed in place; ``model`` itself
+    is never touched.
 
     Args:
         model: A supported ViT (see :class:`~class_space_saliency.anatomy.ViTAnatomy`).
@@ -126,7 +127,7 @@ def randomization_cascade(model: nn.Module, seed: int = 0) -> Iterator[tuple[str
     yield "head", copied
     for index in reversed(range(anatomy.depth)):
         _randomize([anatomy.blocks[index]], generator, done)
-        yield f"block {index + 1}", copied
+        yield f"layer {index}", copied
 
 
 @dataclass
@@ -134,7 +135,7 @@ class SanityResult:
     """Correlations between maps of the trained and the progressively randomised model.
 
     Attributes:
-        steps: Randomisation steps: ``"original"``, ``"head"``, ``"block L"`` ... ``"block 1"``.
+        steps: Randomisation steps: ``"original"``, ``"head"``, ``"layer L-1"`` ... ``"layer 0"``.
         methods: Method names.
         correlations: Per-image Spearman correlations (steps, methods, images), float64;
             NaN where a map is constant.

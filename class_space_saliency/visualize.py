@@ -317,11 +317,11 @@ def plot_identifiability(result, ax=None):
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 3.5))
-    blocks = [b + 1 for b in result.layers]
+    blocks = list(result.layers)  # numbered from 0, as the API's layer=
     ax.plot(blocks, result.token_rate, "o-", label="image tokens: top-1 = label (%)")
     if result.cls_rate is not None:
         ax.plot(blocks, result.cls_rate, "s-", label="[CLS]: top-1 = label (%)")
-    ax.set_xlabel("block")
+    ax.set_xlabel("layer (block index, from 0)")
     ax.set_ylabel("identifiability rate (%)")
     ax.set_ylim(0, 100)
     ax.set_xticks(blocks)

@@ -39,7 +39,7 @@ def test_class_space_decorrelates_and_controls_stay_at_one():
         model, images, labels_for(model, images), ["class_space", "rollout", *CONTROLS]
     )
     assert_unchanged(model, before)
-    assert result.steps == ["original", "head", "block 3", "block 2", "block 1"]
+    assert result.steps == ["original", "head", "layer 2", "layer 1", "layer 0"]
     assert result.correlations.shape == (5, 5, 10) and result.num_images == 10
     table = dict(zip(result.methods, result.spearman.T, strict=True))
     assert torch.equal(result.spearman[0], torch.ones(5, dtype=torch.float64))
@@ -73,7 +73,7 @@ def test_cascade_redraws_each_part_once_in_order(family):
     def names(*modules: torch.nn.Module) -> set[str]:
         return {name_of[id(p)] for module in modules for p in module.parameters()}
 
-    steps = ["original", "head", *(f"block {b}" for b in range(anatomy.depth, 0, -1))]
+    steps = ["original", "head", *(f"layer {b}" for b in range(anatomy.depth - 1, -1, -1))]
     expected = [set(), names(anatomy.norm, *anatomy.heads)]
     expected += [names(block) for block in reversed(anatomy.blocks)]
     assert set(name_of.values()) - set().union(*expected)  # embeddings and tokens stay
@@ -168,7 +168,7 @@ def test_sanity_command(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["sanity", "--methods", "class_space", "sobel", "--n", "3", "--out", str(out)]) == 0
     data = json.loads((out / "sanity.json").read_text())
-    assert data["steps"] == ["original", "head", *(f"block {b}" for b in range(6, 0, -1))]
+    assert data["steps"] == ["original", "head", *(f"layer {b}" for b in range(5, -1, -1))]
     assert data["num_images"] == 3 and data["spearman"]["sobel"] == [1.0] * 8
     assert (out / "sanity.txt").read_text().startswith("mean Spearman")
     assert (out / "sanity.png").stat().st_size > 0
