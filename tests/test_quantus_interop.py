@@ -47,6 +47,25 @@ def test_relevance_mass_accuracy_with_explain_func(batch):
     np.testing.assert_allclose(scores, by_hand, rtol=1e-5)
 
 
+def test_relevance_rank_accuracy_on_fashion_scenes_masks():
+    from class_space_saliency.data import load_default_eval
+    from class_space_saliency.models import load_default
+
+    model, _ = load_default()
+    images, labels, masks = load_default_eval(6, masks=True)
+    x, y, s = images.numpy(), labels.numpy(), masks.numpy().astype(np.float32)
+    metric = quantus.RelevanceRankAccuracy(abs=True, normalise=False, disable_warnings=True)
+    scores = metric(
+        model=model, x_batch=x, y_batch=y, a_batch=None, s_batch=s,
+        explain_func=explain_func, explain_func_kwargs={"method": "class_space"},
+    )  # fmt: skip
+    maps = np.abs(explain_func(model, x, y, method="class_space")).reshape(6, -1)
+    for k in range(6):  # share of the mask-area highest pixels inside the mask, by hand
+        inside = s[k].reshape(-1).astype(bool)
+        top = np.argsort(-maps[k], kind="stable")[: inside.sum()]
+        assert abs(scores[k] - inside[top].mean()) < 0.05  # ties may order differently
+
+
 @pytest.mark.parametrize("method", ["class_space", "chefer"])
 def test_faithfulness_correlation_with_explain_func(batch, method):
     model, x, y, _ = batch
