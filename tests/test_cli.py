@@ -149,3 +149,30 @@ def test_decompression_bomb_is_skipped_and_photos_warned_about_once(tmp_path, mo
     assert "bomb.png" in err and "Traceback" not in err
     assert err.count("Fashion-MNIST") == 1  # colour photos are unlike the grey model's data
     assert (out / "red1_class_space.png").exists() and (out / "red2_class_space.png").exists()
+
+
+def test_real_ctrl_c_saves_and_says_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "class_space_saliency", "benchmark", "--num-images", "1000",
+               "--methods", "class_space", "--protocols", "rise2018", "--batch-size", "8",
+               "--out", str(out)]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    )
+    deadline = time.time() + 120
+    while not list(out.glob("results.rank0.jsonl")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few batches in
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert last.startswith("interrupted: records of ") and "rerun the same command" in last
+    assert "Traceback" not in err
