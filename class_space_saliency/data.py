@@ -46,11 +46,13 @@ def load_default_eval_uint8(
     with np.load(EVAL_SETS[dataset]) as archive:
         images = archive["images"][:n]
         labels = archive["labels"][:n].astype(np.int64)
-        if "masks" in archive:
+        if not masks:
+            object_masks = None
+        elif "masks" in archive:  # bit-packed along the width
             shape = (len(images), 1, *images.shape[1:3])
             object_masks = np.unpackbits(archive["masks"][:n], axis=-1, count=shape[-1])
             object_masks = object_masks.astype(bool).reshape(shape)
-        else:
+        else:  # plain Fashion-MNIST: the object is every non-black pixel
             object_masks = (images > 0)[:, None]
     if images.ndim == 3:
         images = np.repeat(images[..., None], 3, axis=-1)
@@ -81,13 +83,12 @@ def load_default_eval(
         >>> images.shape
         torch.Size([8, 3, 32, 32])
     """
-    raw, labels, object_masks = load_default_eval_uint8(n, dataset, masks=True)
+    raw, labels, *object_masks = load_default_eval_uint8(n, dataset, masks=masks)
     if preprocessing is None:
         preprocessing = embedded_preprocessing(dataset)
     pixels = torch.from_numpy(raw).permute(0, 3, 1, 2).float().div(255.0)
-    images = preprocessing.normalize(pixels)
-    labels = torch.from_numpy(labels)
-    return (images, labels, torch.from_numpy(object_masks)) if masks else (images, labels)
+    tensors = (preprocessing.normalize(pixels), torch.from_numpy(labels))
+    return (*tensors, *(torch.from_numpy(m) for m in object_masks))
 
 
 def one_per_class(labels: torch.Tensor | np.ndarray, num_classes: int) -> list[int]:

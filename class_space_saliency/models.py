@@ -152,18 +152,21 @@ def load_default(
         >>> preprocessing.input_size, preprocessing.class_names[0]
         ((3, 32, 32), 'T-shirt/top')
     """
-    if name not in EMBEDDED_MODELS:
-        raise ValueError(
-            f"name must be one of {list(EMBEDDED_MODELS)} (embedded models), got {name!r}"
-        )
-    return _load_config(EMBEDDED_MODELS[name], device)
+    return _load_config(_embedded_config(name), device)
 
 
 def embedded_preprocessing(name: str = DEFAULT_MODEL) -> Preprocessing:
     """The preprocessing of an embedded model, without loading its weights."""
+    return _config_preprocessing(json.loads(_embedded_config(name).read_text()))
+
+
+def _embedded_config(name: str) -> Path:
+    """The JSON config of the embedded model ``name``; ValueError listing the names."""
     if name not in EMBEDDED_MODELS:
-        raise ValueError(f"name must be one of {list(EMBEDDED_MODELS)}, got {name!r}")
-    return _config_preprocessing(json.loads(EMBEDDED_MODELS[name].read_text()))
+        raise ValueError(
+            f"name must be one of {list(EMBEDDED_MODELS)} (embedded models), got {name!r}"
+        )
+    return EMBEDDED_MODELS[name]
 
 
 def _config_preprocessing(config: dict) -> Preprocessing:
