@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +69,14 @@ class DatasetSpec:
 
 
 def _fashion(split: str, epoch: int = 0, indices: range | None = None) -> tuple[np.ndarray, ...]:
-    images, labels = load_fashion_mnist(split)
+    images, labels = _fashion_arrays(split)
     return (images, labels) if indices is None else (images[indices], labels[indices])
+
+
+@cache
+def _fashion_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The split's IDX files, read once per process (every epoch reuses them)."""
+    return load_fashion_mnist(split)
 
 
 def _scenes(
@@ -154,7 +160,9 @@ def augment(images: torch.Tensor, generator: torch.Generator, shift: int) -> tor
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, spec) -> float:
+def evaluate(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: DatasetSpec
+) -> float:
     """Top-1 accuracy on uint8 images, in batches of 1,000."""
     model.eval()
     correct = 0
