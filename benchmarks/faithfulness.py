@@ -29,7 +29,13 @@ from pathlib import Path
 import torch
 
 from class_space_saliency.data import load_default_eval
-from class_space_saliency.evaluation import BenchmarkReport, run_benchmark
+from class_space_saliency.evaluation import (
+    BenchmarkReport,
+    load_config,
+    load_records,
+    run_benchmark,
+    summarize,
+)
 from class_space_saliency.methods import create_method, method_names
 from class_space_saliency.models import load_default
 
@@ -50,8 +56,12 @@ ABLATION = {
 RESULTS_FORMAT = 2
 
 
-def run_summary(report: BenchmarkReport) -> dict:
-    """The JSON entry of one run: accuracy, sections (tables), rows and missing pairs."""
+def run_summary(report: BenchmarkReport, versus_random: BenchmarkReport) -> dict:
+    """The JSON entry of one run: accuracy, sections (tables), rows and missing pairs.
+
+    ``rows`` compare every method with ``class_space`` (``report``), ``rows_vs_random`` with
+    ``random`` (``versus_random``: the same records summarised with ``reference="random"``).
+    """
     return {
         "clean_accuracy": report.clean_accuracy,
         "n_images": report.n_images,
@@ -61,6 +71,7 @@ def run_summary(report: BenchmarkReport) -> dict:
         ],
         "missing": [list(pair) for pair in report.missing],
         "rows": [dataclasses.asdict(row) for row in report.rows],
+        "rows_vs_random": [dataclasses.asdict(row) for row in versus_random.rows],
     }
 
 
@@ -107,6 +118,7 @@ def main() -> None:
     }
     summary = {}
     for run in args.runs:
+        folder = args.out / f"faithfulness_{args.model}_{run}"
         report = run_benchmark(
             model,
             data,
@@ -114,7 +126,7 @@ def main() -> None:
             PROTOCOLS,
             prep.mean,
             prep.std,
-            args.out / f"faithfulness_{args.model}_{run}",
+            folder,
             max_batch_size=args.max_batch_size,
             batch_size=args.batch_size,
             n=args.num_images,
@@ -122,7 +134,11 @@ def main() -> None:
         )
         if report is None:  # not rank 0
             continue
-        summary[run] = run_summary(report)
+        config = load_config(folder)
+        versus_random = summarize(
+            load_records(folder), config, reference="random", seed=config["seed"]
+        )
+        summary[run] = run_summary(report, versus_random)
         print(f"{run}: clean accuracy {report.clean_accuracy:.4f} on {report.n_images} images")
     if summary:
         path = args.out / "faithfulness.json"

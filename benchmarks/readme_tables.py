@@ -13,10 +13,17 @@ written by ``class-space-saliency demo``): class identifiability by block.
 Otherwise ``MODEL`` and ``RUN`` select ``models[MODEL][RUN]`` of
 ``benchmarks/results/faithfulness.json``
 (written by ``benchmarks/faithfulness.py``); ``KIND`` is ``faithfulness`` (one column per
-perturbation curve and derived ROAD value: AUC [95 % bootstrap interval]), ``localisation``
-(one column per localisation metric: mean [interval]), or either with ``-diff`` (paired
-difference ``reference - method`` [95 % interval]; the reference row is left out). The text
-between the markers is replaced; everything else of the README is left alone.
+perturbation curve and derived ROAD value: AUC [95 % bootstrap interval]) or ``localisation``
+(one column per localisation metric: mean [interval]), optionally followed by
+
+- ``-diff``: the paired difference ``class_space - method`` [95 % interval];
+- ``-verdict``: how each method compares with ``class_space``;
+- ``-vs-random``: how each method compares with ``random`` on the same images.
+
+A verdict is ``better`` or ``worse`` (in the curve's direction) only where the paired 95 %
+bootstrap interval of the difference excludes zero, ``tie`` otherwise; the last column counts
+them. The reference's own row is left out of the comparison tables. The text between the
+markers is replaced; everything else of the README is left alone.
 
 Example:
     python benchmarks/readme_tables.py            # rewrite the tables in README.md
@@ -54,30 +61,54 @@ def _cell(value: float | None, low: float | None, high: float | None, decimals: 
     return f"{value:.{decimals}f} [{low:.{decimals}f}, {high:.{decimals}f}]"
 
 
+COMPARISONS = {"": None, "diff": "rows", "verdict": "rows", "vs-random": "rows_vs_random"}
+"""Table kind suffix -> key of the run's rows it compares (``None``: plain values)."""
+
+
+def verdict(row: dict, higher_is_better: bool) -> str:
+    """``better``/``worse``/``tie`` of ``row["method"]`` against the row's reference.
+
+    ``row["diff"]`` is ``AUC(reference) - AUC(method)`` with a paired 95 % interval; the method
+    is better or worse only where that interval excludes zero.
+    """
+    if row["diff_low"] > 0:
+        return "worse" if higher_is_better else "better"
+    if row["diff_high"] < 0:
+        return "better" if higher_is_better else "worse"
+    return "tie"
+
+
+def _verdict_counts(cells: list[str]) -> str:
+    return " / ".join(str(cells.count(v)) for v in ("better", "tie", "worse"))
+
+
 def render(run: dict, kind: str) -> str:
     """The Markdown table of one run (``models[MODEL][RUN]`` of the JSON) for ``kind``.
 
     Args:
         run: ``{"sections": [{"name", "higher_is_better", "rule"}], "rows": [...],
-            "missing": [[section, method], ...]}``.
-        kind: ``faithfulness``, ``localisation``, ``faithfulness-diff`` or
-            ``localisation-diff``.
+            "rows_vs_random": [...], "missing": [[section, method], ...]}``.
+        kind: ``faithfulness`` or ``localisation``, optionally with a suffix ``-diff``,
+            ``-verdict`` or ``-vs-random``.
 
     Returns:
         The table, one line per method in row order, ending with a newline.
 
     Raises:
-        ValueError: For an unknown kind or a run without sections of that kind.
+        ValueError: For an unknown kind or a run without sections or comparisons of that kind.
     """
-    base, _, diff = kind.partition("-")
-    if base not in ("faithfulness", "localisation") or diff not in ("", "diff"):
+    base, _, suffix = kind.partition("-")
+    if base not in ("faithfulness", "localisation") or suffix not in COMPARISONS:
         raise ValueError(f"unknown table kind {kind!r}")
     sections = [
         s for s in run["sections"] if s["name"].startswith(LOCALISATION) == (base == "localisation")
     ]
     if not sections:
         raise ValueError(f"the run has no {base} results")
-    rows = {(r["protocol"], r["method"]): r for r in run["rows"]}
+    key = COMPARISONS[suffix] or "rows"
+    if key not in run:
+        raise ValueError(f"the run has no {key} (rerun benchmarks/faithfulness.py)")
+    rows = {(r["protocol"], r["method"]): r for r in run[key]}
     missing = {tuple(pair) for pair in run.get("missing", [])}
     methods = list(dict.fromkeys(r["method"] for r in run["rows"]))
     methods += [m for _, m in sorted(missing) if m not in methods]
@@ -86,24 +117,28 @@ def render(run: dict, kind: str) -> str:
         shown = section["name"].removeprefix(LOCALISATION)
         return f"{shown} {'↑' if section['higher_is_better'] else '↓'}"
 
-    lines = [
-        "| method | " + " | ".join(name(s) for s in sections) + " |",
-        "|---" * (len(sections) + 1) + "|",
-    ]
+    def cell(section: dict, row: dict) -> str:
+        if suffix == "diff":
+            return _cell(row["diff"], row["diff_low"], row["diff_high"], _decimals(section))
+        if suffix:
+            return "" if row["diff"] is None else verdict(row, section["higher_is_better"])
+        return _cell(row["auc"], row["auc_low"], row["auc_high"], _decimals(section))
+
+    counted = suffix in ("verdict", "vs-random")
+    header = [name(s) for s in sections] + (["better / tie / worse"] if counted else [])
+    lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for method in methods:
         cells = []
         for section in sections:
             row = rows.get((section["name"], method))
             if row is None:
                 cells.append("missing" if (section["name"], method) in missing else "")
-            elif diff:
-                cells.append(
-                    _cell(row["diff"], row["diff_low"], row["diff_high"], _decimals(section))
-                )
             else:
-                cells.append(_cell(row["auc"], row["auc_low"], row["auc_high"], _decimals(section)))
-        if diff and not any(cells):
+                cells.append(cell(section, row))
+        if suffix and not any(cells):
             continue  # the reference
+        if counted:
+            cells.append(_verdict_counts(cells))
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

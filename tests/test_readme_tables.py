@@ -125,8 +125,9 @@ def test_faithfulness_script_writes_what_the_tables_read(tmp_path):
     images, labels = tiny_data(4)
     report = run((images, labels, masks_for(images)), tmp_path / "run")
     path = tmp_path / "faithfulness.json"
-    faithfulness["update_results"](path, "toy", {"main": faithfulness["run_summary"](report)})
-    faithfulness["update_results"](path, "toy", {"ablation": faithfulness["run_summary"](report)})
+    summary = faithfulness["run_summary"](report, report)
+    faithfulness["update_results"](path, "toy", {"main": summary})
+    faithfulness["update_results"](path, "toy", {"ablation": summary})
     results = json.loads(path.read_text())
     assert set(results["models"]["toy"]) == {"main", "ablation"}  # runs are merged
     main = results["models"]["toy"]["main"]

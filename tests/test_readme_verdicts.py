@@ -1,0 +1,78 @@
+"""benchmarks/readme_tables.py verdict tables: better/worse only where the interval excludes 0."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "readme_tables.py"
+tables = runpy.run_path(str(SCRIPT))
+
+
+def comparison(protocol: str, method: str, low: float, high: float) -> dict:
+    """A row whose paired difference ``reference - method`` has the interval [low, high]."""
+    return {
+        "protocol": protocol,
+        "method": method,
+        "auc": 0.5,
+        "auc_low": 0.4,
+        "auc_high": 0.6,
+        "diff": (low + high) / 2,
+        "diff_low": low,
+        "diff_high": high,
+    }
+
+
+def reference(protocol: str, method: str) -> dict:
+    return {**comparison(protocol, method, 0, 0), "diff": None, "diff_low": None, "diff_high": None}
+
+
+@pytest.fixture
+def run() -> dict:
+    down, up = "vilas2023/positive", "vilas2023/negative"
+    return {
+        "sections": [
+            {"name": down, "higher_is_better": False, "rule": "vilas2023"},
+            {"name": up, "higher_is_better": True, "rule": "vilas2023"},
+        ],
+        "rows": [
+            reference(down, "class_space"),
+            reference(up, "class_space"),
+            comparison(down, "a", 0.01, 0.05),  # class_space higher on a lower-is-better curve
+            comparison(up, "a", 0.01, 0.05),  # class_space higher on a higher-is-better curve
+            comparison(down, "b", -0.05, -0.01),
+            comparison(up, "b", -0.01, 0.02),  # the interval covers zero
+        ],
+        "rows_vs_random": [
+            comparison(down, "class_space", -0.05, -0.01),
+            comparison(up, "class_space", -0.05, -0.001),
+            reference(down, "random"),
+            reference(up, "random"),
+        ],
+        "missing": [],
+    }
+
+
+def test_verdicts_follow_the_curve_direction_and_the_interval(run):
+    assert tables["render"](run, "faithfulness-verdict") == (
+        "| method | vilas2023/positive ↓ | vilas2023/negative ↑ | better / tie / worse |\n"
+        "|---|---|---|---|\n"
+        "| `a` | better | worse | 1 / 0 / 1 |\n"
+        "| `b` | worse | tie | 0 / 1 / 1 |\n"
+    )
+
+
+def test_versus_random_reads_its_own_rows(run):
+    assert tables["render"](run, "faithfulness-vs-random").splitlines()[2:] == [
+        "| `class_space` | worse | better | 1 / 0 / 1 |"
+    ]
+    del run["rows_vs_random"]
+    with pytest.raises(ValueError, match="rows_vs_random"):
+        tables["render"](run, "faithfulness-vs-random")
+
+
+def test_unknown_suffix_is_refused(run):
+    with pytest.raises(ValueError, match="kind"):
+        tables["render"](run, "faithfulness-verdicts")
