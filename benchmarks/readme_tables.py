@@ -20,6 +20,10 @@ perturbation curve and derived ROAD value: AUC [95 % bootstrap interval]) or ``l
 - ``-verdict``: how each method compares with ``class_space``;
 - ``-vs-random``: how each method compares with ``random`` on the same images.
 
+``MODEL/RUN/tie-shift`` shows how much each AUC moved from ``RUN_raster_ties`` (the same
+model's first run, with ties broken in raster order, re-scored by ``benchmarks/first_run.py``)
+to ``RUN`` (ties broken at random), and which verdicts changed.
+
 A verdict is ``better`` or ``worse`` (in the curve's direction) only where the paired 95 %
 bootstrap interval of the difference excludes zero, ``tie`` otherwise; the last column counts
 them. The reference's own row is left out of the comparison tables. The text between the
@@ -143,6 +147,48 @@ def render(run: dict, kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_tie_shift(new: dict, old: dict) -> str:
+    """AUC(new) - AUC(old) per method and curve both runs have, with the verdicts that changed.
+
+    Args:
+        new: The rerun (``models[MODEL][RUN]``).
+        old: The same model's first run re-scored (``models[MODEL][RUN_raster_ties]``).
+
+    Returns:
+        The Markdown table; a cell reads ``+0.012`` or, where a verdict against
+        ``class_space`` or ``random`` changed, e.g. ``-0.030 (vs random: worse → tie)``.
+    """
+    curves = [s for s in old["sections"] if any(n["name"] == s["name"] for n in new["sections"])]
+    tables = {
+        (run_name, key): {(r["protocol"], r["method"]): r for r in run[key]}
+        for run_name, run in (("new", new), ("old", old))
+        for key in ("rows", "rows_vs_random")
+    }
+    rerun = {r["method"] for r in new["rows"]}
+    methods = [m for m in dict.fromkeys(r["method"] for r in old["rows"]) if m in rerun]
+    lines = [
+        "| method | " + " | ".join(s["name"] for s in curves) + " |",
+        "|---" * (len(curves) + 1) + "|",
+    ]
+    for method in methods:
+        cells = []
+        for section in curves:
+            pair = (section["name"], method)
+            shift = tables["new", "rows"][pair]["auc"] - tables["old", "rows"][pair]["auc"]
+            cell = f"{shift:+.{_decimals(section)}f}"
+            for key, against in (("rows", "class_space"), ("rows_vs_random", "random")):
+                before, after = tables["old", key].get(pair), tables["new", key].get(pair)
+                if before is None or after is None or before["diff"] is None:
+                    continue
+                was = verdict(before, section["higher_is_better"])
+                now = verdict(after, section["higher_is_better"])
+                if was != now:
+                    cell += f" (vs {against}: {was} → {now})"
+            cells.append(cell)
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render_identifiability(summary: dict) -> str:
     """Class identifiability by block (residual stream) from a demo summary, as Markdown."""
     table = summary["identifiability"]
@@ -177,11 +223,13 @@ def fill(readme: str, results: dict) -> str:
                 raise ValueError(f"table {match['key']}: no demo summary for {model}")
             summary = json.loads(DEMO_SUMMARIES[model].read_text())
             return match.group(1) + render_identifiability(summary) + match.group(4)
+        runs = [run, f"{run}_raster_ties"] if kind == "tie-shift" else [run]
         try:
-            data = results["models"][model][run]
+            data = [results["models"][model][name] for name in runs]
         except KeyError:
-            raise ValueError(f"table {match['key']}: no results for {model}/{run}") from None
-        return match.group(1) + render(data, kind) + match.group(4)
+            raise ValueError(f"table {match['key']}: no results for {model}/{runs}") from None
+        table = render_tie_shift(*data) if kind == "tie-shift" else render(data[0], kind)
+        return match.group(1) + table + match.group(4)
 
     text, count = MARKER.subn(replace, readme)
     if not count:

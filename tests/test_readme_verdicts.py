@@ -9,6 +9,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "readme_tables.py"
 tables = runpy.run_path(str(SCRIPT))
+DOWN = "vilas2023/positive"  # lower is better
 
 
 def comparison(protocol: str, method: str, low: float, high: float) -> dict:
@@ -31,7 +32,7 @@ def reference(protocol: str, method: str) -> dict:
 
 @pytest.fixture
 def run() -> dict:
-    down, up = "vilas2023/positive", "vilas2023/negative"
+    down, up = DOWN, "vilas2023/negative"
     return {
         "sections": [
             {"name": down, "higher_is_better": False, "rule": "vilas2023"},
@@ -76,3 +77,22 @@ def test_versus_random_reads_its_own_rows(run):
 def test_unknown_suffix_is_refused(run):
     with pytest.raises(ValueError, match="kind"):
         tables["render"](run, "faithfulness-verdicts")
+
+
+def test_tie_shift_gives_auc_moves_and_changed_verdicts(run):
+    import copy
+
+    old = copy.deepcopy(run)
+    new = copy.deepcopy(run)
+    # the rerun moves a's AUC on the lower-is-better curve by -0.125 and its interval to 0
+    a_down = next(
+        r for r in new["rows"] if r["method"] == "a" and r["protocol"] == "vilas2023/positive"
+    )
+    a_down.update(auc=0.375, diff_low=-0.01, diff_high=0.02)
+    assert tables["render_tie_shift"](new, old).splitlines() == [
+        "| method | vilas2023/positive | vilas2023/negative |",
+        "|---|---|---|",
+        "| `class_space` | +0.000 | +0.000 |",
+        "| `a` | -0.125 (vs class_space: better → tie) | +0.000 |",
+        "| `b` | +0.000 | +0.000 |",
+    ]
