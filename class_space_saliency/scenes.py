@@ -18,7 +18,7 @@ regenerated alone, in any order, on any machine:
   (``vary_background``: rotation by a multiple of 90 degrees, a random permutation of the colour
   channels, inversion with probability 0.3, a random colour cast: per-channel gains in
   0.4-1.2), and with probability ``SMOOTH_FIELD_P`` (0.3) a
-  training background is a random smooth colour field instead (``smooth_field``), so 11 photos
+  training background is a random smooth colour field instead (``smooth_field``), so 8 photos
   do not teach a model their textures; test backgrounds are plain photo crops. All photos are
   public domain or CC0 (see ``assets/LICENSE-scenes-photos.txt``).
 
