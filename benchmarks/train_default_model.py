@@ -8,7 +8,8 @@ training time and test accuracy are written next to the weights in
 ``<out>/<dataset>_vit.json``; the weights go to ``<out>/<dataset>_vit.safetensors``.
 
 Example:
-    python benchmarks/train_default_model.py --dataset fashion-scenes --epochs 14
+    python benchmarks/train_default_model.py --dataset fashion-scenes --epochs 26 --shift 0 \
+        --lr 0.001 --transfer class_space_saliency/assets/fashion_vit.json
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def test_demo_writes_figures_and_summary(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["examples"]) == 10
     assert len(summary["identifiability"]["token_rate"]) == 6
-    assert summary["eval_accuracy"] >= 0.77  # the fashion-scenes model (78.0 %)
+    assert summary["eval_accuracy"] >= 0.80  # the fashion-scenes model (80.6 %)
     assert "fashion_scenes_vit.json" in summary["model"]
 
 

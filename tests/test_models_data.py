@@ -18,9 +18,9 @@ from class_space_saliency.models import (
     load_model,
 )
 
-# fashion-scenes: 77.22 % on 10,000 held-out-background test images, 78.0 % on the embedded
+# fashion-scenes: 79.60 % on 10,000 held-out-background test images, 80.6 % on the embedded
 # 1,000: below the 85 % that the scenes issue asks for (see the README), asserted as measured.
-MIN_ACCURACY = {"fashion-scenes": 0.77, "fashion": 0.88}
+MIN_ACCURACY = {"fashion-scenes": 0.79, "fashion": 0.88}
 SIZES = {"fashion-scenes": 32, "fashion": 28}
 
 
