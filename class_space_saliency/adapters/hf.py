@@ -17,6 +17,8 @@ Attention probabilities come from eager attention (switched on while hooked); ou
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -41,11 +43,13 @@ class ConcatHead(nn.Module):
 
 
 def _is_hf(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # the optional extra is not installed
-        return False
-    return isinstance(model, PreTrainedModel)
+    """Whether ``model`` is a transformers ``PreTrainedModel``.
+
+    Reads ``sys.modules`` instead of importing transformers: a transformers model cannot exist
+    before its package is imported, and the import costs seconds for every other model.
+    """
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def _layers(base: nn.Module) -> nn.ModuleList | None:
