@@ -77,7 +77,7 @@ from class_space_saliency.evaluation import (
     noisy_linear_impute,
     perturbation_curves,
 )
-from class_space_saliency.methods import METHODS, create_method
+from class_space_saliency.methods import METHODS, create_method, list_methods
 from class_space_saliency.models import load_default
 
 MODELS = ("default", "vit_base_patch16_224")
@@ -103,7 +103,7 @@ MEASUREMENTS = (
     *(name for name in METHODS if name != "class_space"),
     CAPTUM,
 )
-NEEDS_GRAD = frozenset({"class_space_gradient", "gradcam", "chefer", CAPTUM})
+NEEDS_GRAD = frozenset({*list_methods(needs_gradients=True), CAPTUM})
 """Measurements that take gradients; every other one runs under ``torch.no_grad()``."""
 
 DTYPES = ("fp32", "bf16")
