@@ -39,7 +39,8 @@ def target_logits(anatomy: ViTAnatomy, tokens: torch.Tensor, target: torch.Tenso
     weight, bias = linear
     normed = anatomy.norm(tokens)
     rows = weight[target.to(weight.device)].to(normed.dtype)  # (B, D)
-    return torch.einsum("bnd,bd->bn", normed, rows) + bias[target.to(bias.device)][:, None]
+    scores = torch.bmm(normed, rows.unsqueeze(-1)).squeeze(-1)  # (B, N); bmm: no einsum parse
+    return scores + bias[target.to(bias.device)][:, None]
 
 
 def target_class_column(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
