@@ -3,7 +3,7 @@
 Two runs on the same first ``--num-images`` images of the model's embedded evaluation set, both
 resumable (rerun the same command after an interruption) and shardable under ``torchrun``:
 
-1. ``main``: every registered method and named variant (``method_names()``) x the protocol
+1. ``main``: every registered method and named variant (``list_methods()``) x the protocol
    presets chefer2021, rise2018, vilas2023 and road2022, plus localisation against the
    object masks where the evaluation set has them (fashion-scenes).
 2. ``ablation``: class-space variants (block, multi-block, score) with ``random`` beside
@@ -36,7 +36,7 @@ from class_space_saliency.evaluation import (
     run_benchmark,
     summarize,
 )
-from class_space_saliency.methods import create_method, method_names
+from class_space_saliency.methods import create_method, list_methods
 from class_space_saliency.models import load_default
 
 MODELS = ("fashion", "fashion-scenes")
@@ -110,7 +110,7 @@ def main() -> None:
     model = model.to(device)
     data = load_default_eval(args.num_images, dataset=args.model, masks=True, preprocessing=prep)
     methods = {
-        "main": {name: create_method(name, model) for name in method_names()},
+        "main": {name: create_method(name, model) for name in list_methods()},
         "ablation": {
             **{name: create_method("class_space", model, **kw) for name, kw in ABLATION.items()},
             "random": create_method("random", model),

@@ -1,8 +1,14 @@
 """class-space-saliency: explain Vision Transformers in their class embedding space.
 
 Example:
-    >>> from class_space_saliency import ClassSpaceSaliency
-    >>> maps = ClassSpaceSaliency(model).attribute(images, target=labels)  # (B, 1, h, w)
+    >>> import timm, torch
+    >>> from class_space_saliency import ClassSpaceSaliency, list_methods
+    >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+    ...                           num_classes=5)
+    >>> ClassSpaceSaliency(model).attribute(torch.randn(2, 3, 32, 32), target=[0, 3]).shape
+    torch.Size([2, 1, 4, 4])
+    >>> list_methods(model_agnostic=True)
+    ['random', 'sobel', 'intensity']
 """
 
 from .adapters import UnsupportedModelError
@@ -18,6 +24,9 @@ from .methods import (
     RawAttention,
     SaliencyMethod,
     SobelSaliency,
+    create_method,
+    list_methods,
+    register_method,
 )
 from .projection import Identifiability, class_identifiability, token_scores
 
@@ -38,5 +47,8 @@ __all__ = [
     "UnsupportedModelError",
     "ViTAnatomy",
     "class_identifiability",
+    "create_method",
+    "list_methods",
+    "register_method",
     "token_scores",
 ]

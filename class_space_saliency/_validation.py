@@ -18,6 +18,13 @@ def check_choice(name: str, value: str, options: Sequence[str]) -> str:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool, else raise ``TypeError`` naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
+
+
 def check_inputs(inputs: torch.Tensor, anatomy: ViTAnatomy) -> tuple[int, int]:
     """Validate a (B, C, H, W) float image batch and return its patch grid (h, w).
 
@@ -62,9 +69,14 @@ def check_target(target: TargetType, batch_size: int, num_classes: int) -> torch
         return None
     if isinstance(target, bool):
         raise TypeError(f"target must be an int, a list of ints or an int tensor, got {target!r}")
-    if isinstance(target, int):
-        values = torch.full((batch_size,), target, dtype=torch.long)
-    elif isinstance(target, torch.Tensor):
+    if isinstance(target, int):  # the common case, checked without tensor ops
+        if not 0 <= target < num_classes:
+            raise ValueError(
+                f"target {target} is out of range for a model with {num_classes} "
+                f"classes (valid: 0 .. {num_classes - 1})"
+            )
+        return torch.full((batch_size,), target, dtype=torch.long)
+    if isinstance(target, torch.Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"target tensor must have an integer dtype, got {target.dtype}")
         if target.dim() > 1:

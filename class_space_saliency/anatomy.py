@@ -3,8 +3,8 @@
 :class:`ViTAnatomy` holds the parts that a family adapter (:mod:`.adapters`) finds: timm
 ``VisionTransformer`` (plain, DeiT distilled, register tokens, pooled heads, dynamic size),
 timm BEiT / EVA, torchvision's ``VisionTransformer``, ...; custom models name them
-explicitly. :meth:`ViTAnatomy.capture` is the one place where hooks are registered: it
-records token states and attention probabilities in one forward pass, and the hooks always
+explicitly. :meth:`ViTAnatomy.capture` records token states and attention probabilities in
+one forward pass; its hooks live in :mod:`._hooks` (every hook of the package does) and always
 come off.
 """
 
@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _hooks
+from ._hooks import Capture
 from .adapters import (
     NormThenHeads,
     Readout,
@@ -35,22 +37,6 @@ COMPONENTS = ("residual", "attention", "mlp")
 ATTENTION_KINDS = ("timm", "mha", "hf")
 """How attention probabilities are read: timm ``attn_drop`` input (fused attention off),
 ``nn.MultiheadAttention`` per-head weights, Hugging Face eager attention's second output."""
-
-
-@dataclass
-class Capture:
-    """What one hooked forward pass recorded.
-
-    Attributes:
-        tokens: ``{(component, block): tensor}``; each tensor is (B, N, D) unless a
-            ``reduce`` function was given to :meth:`ViTAnatomy.capture`, then its output.
-        attention: ``{block: (B, heads, N, N)}`` post-softmax attention probabilities.
-        output: The model's own output (logits) for the batch.
-    """
-
-    tokens: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
-    attention: dict[int, torch.Tensor] = field(default_factory=dict)
-    output: torch.Tensor | None = None
 
 
 @dataclass
@@ -90,6 +76,8 @@ class ViTAnatomy:
         family: The adapter that found the parts (``"custom"`` for hand-made anatomies).
         channels_last: Blocks output channels-last grids (B, h, w, D) instead of token
             sequences (B, N, D) (timm Swin); captured states are flattened to (B, h*w, D).
+        modules: Every module of ``model``, listed once when the anatomy is built (the
+            training flags :meth:`capture` switches and restores).
     """
 
     model: nn.Module
@@ -114,9 +102,12 @@ class ViTAnatomy:
     family: str = "custom"
     channels_last: bool = False
     projection: nn.Module = field(init=False, repr=False)
+    modules: tuple[nn.Module, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.projection = NormThenHeads(self.norm, self.heads)
+        # Walked once: capture() restores the training flags of these on every call.
+        self.modules = tuple(self.model.modules())
         if self.readout is None:
             prefix = self.num_prefix_tokens
             self.readout = Readout(cls_rows=(0,)) if prefix else Readout(pool_start=0)
@@ -338,44 +329,8 @@ class ViTAnatomy:
             ...     cap.output = model(images)
             >>> cap.tokens[("residual", anatomy.depth - 1)].shape  # (B, N, D)
         """
-        result = Capture()
-        handles: list[torch.utils.hooks.RemovableHandle] = []
-        # Only modules in training mode are switched and restored: setting the flag on every
-        # module of a model in eval mode would cost more than a small model's forward pass.
-        training = [module for module in self.model.modules() if module.training]
-        switched: list[tuple[Any, str, Any]] = []
-        try:
-            for component, block in components:
-                block = self.resolve_layers(block)[0]
-                scales = (self.layer_scales or {}).get(component)
-                scale = None if scales is None else scales[block]
-                handles.append(
-                    self.branch_module(component, block).register_forward_hook(
-                        _token_hook(result, component, block, reduce, scale)
-                    )
-                )
-            if attention:
-                if self.attention_modules is None:
-                    raise ValueError(
-                        f"attention probabilities cannot be captured for "
-                        f"{type(self.model).__name__}: "
-                        f"{self.attention_reason or 'no supported attention modules found'}"
-                    )
-                for block in self.resolve_layers(list(attention)):
-                    module = self.attention_modules[block]
-                    handles.extend(
-                        _attention_hooks(self.attention_kind, module, block, result, switched)
-                    )
-            if training:
-                self.model.eval()
+        with _hooks.capture(self, components, attention, reduce) as result:
             yield result
-        finally:
-            for handle in handles:
-                handle.remove()
-            for owner, name, flag in reversed(switched):
-                setattr(owner, name, flag)
-            for module in training:
-                module.training = True
 
 
 def patch_grid(
@@ -409,70 +364,6 @@ def patch_grid(
     if dynamic_pad:
         return (math.ceil(height / ph), math.ceil(width / pw))
     return (height // ph, width // pw)
-
-
-# ---------------------------------------------------------------------------- hook helpers
-def _token_hook(
-    result: Capture,
-    component: str,
-    block: int,
-    reduce: Callable[[str, int, torch.Tensor], torch.Tensor] | None,
-    scale: torch.Tensor | None,
-) -> Callable:
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
-        tokens = output[0] if isinstance(output, tuple) else output
-        if tokens.dim() == 4:  # channels-last grids (timm Swin) -> (B, h*w, C)
-            tokens = tokens.flatten(1, 2)
-        if scale is not None:
-            tokens = tokens * scale
-        result.tokens[(component, block)] = (
-            tokens if reduce is None else reduce(component, block, tokens)
-        )
-
-    return hook
-
-
-def _attention_hooks(
-    kind: str, module: nn.Module, block: int, result: Capture, switched: list
-) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hooks that record (B, heads, N, N) probabilities of one attention module.
-
-    ``switched`` collects ``(owner, attribute, old value)`` of the flags changed here
-    (timm ``fused_attn``, Hugging Face ``config._attn_implementation``), restored in
-    reverse order by :meth:`ViTAnatomy.capture`.
-    """
-
-    def store(tensor: torch.Tensor) -> None:
-        result.attention[block] = tensor
-
-    if kind == "mha":  # torchvision: ask MHA for per-head weights
-
-        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
-
-        return [
-            module.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            module.register_forward_hook(lambda mod, args, output: store(output[1])),
-        ]
-    if kind == "hf":  # eager attention returns (output, probabilities)
-        config = module.config
-        switched.append((config, "_attn_implementation", config._attn_implementation))
-        config._attn_implementation = "eager"
-
-        def post_hook(mod: nn.Module, args: tuple, output: tuple) -> None:
-            if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
-                raise UnsupportedModelError(
-                    f"{type(mod).__name__} returned no attention probabilities even with "
-                    "eager attention"
-                )
-            store(output[1])
-
-        return [module.register_forward_hook(post_hook)]
-    # timm Attention: post-softmax probabilities pass through attn_drop (identity in eval)
-    if hasattr(module, "fused_attn"):
-        switched.append((module, "fused_attn", module.fused_attn))
-        module.fused_attn = False
-    return [module.attn_drop.register_forward_hook(lambda mod, args, output: store(output))]
 
 
 # ---------------------------------------------------------------------------- custom models

@@ -45,7 +45,7 @@ def demo(args: argparse.Namespace) -> int:
     """Per-layer overlays, method comparison and identifiability on an embedded model."""
     from . import ClassSpaceSaliency, class_identifiability
     from .data import load_default_eval, load_default_eval_uint8, one_per_class
-    from .methods import METHODS
+    from .methods import list_methods
     from .models import EMBEDDED_MODELS, load_default
     from .visualize import plot_identifiability, saliency_grid, save_figure
 
@@ -69,7 +69,7 @@ def demo(args: argparse.Namespace) -> int:
     columns = {f"layer {b}": per_layer[:, b] for b in range(per_layer.shape[1])}
     save_figure(saliency_grid(raw[rows], columns, titles), out / "class_space_layers.png")
 
-    methods = [m for m in args.methods if m in METHODS]
+    methods = [m for m in args.methods if m in list_methods()]
     method_maps = _compute_maps(model, methods, x, y, None)
     save_figure(saliency_grid(raw[rows], method_maps, titles), out / "methods.png")
 
@@ -111,12 +111,10 @@ def _error(message: object) -> int:
 
 
 def _layer_methods() -> list[str]:
-    """Registered methods whose constructor takes ``layer``."""
-    import inspect
+    """Registered methods (and variants) that take a ``layer`` option."""
+    from .methods import list_methods, method_info
 
-    from .methods import METHODS
-
-    return [n for n, c in METHODS.items() if "layer" in inspect.signature(c.__init__).parameters]
+    return [name for name in list_methods() if "layer" in method_info(name).options]
 
 
 def output_stems(paths: Sequence[Path]) -> list[str]:
@@ -330,7 +328,9 @@ def _colormaps() -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``class-space-saliency``."""
-    from .methods import METHODS
+    from .methods import list_methods
+
+    names = sorted(list_methods())
 
     parser = argparse.ArgumentParser(
         prog="class-space-saliency",
@@ -357,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "--methods",
         nargs="+",
-        default=[m for m in dict.fromkeys((*DEMO_METHODS, *sorted(METHODS))) if m in METHODS],
-        choices=sorted(METHODS),
+        default=list(dict.fromkeys((*DEMO_METHODS, *sorted(list_methods(variants=False))))),
+        choices=names,
         help="methods for the side-by-side figure",
     )
     demo_parser.set_defaults(func=demo)
@@ -406,9 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=["class_space"],
-        choices=sorted(METHODS),
+        choices=names,
         metavar="METHOD",
-        help=f"one or more of {', '.join(sorted(METHODS))}",
+        help=f"one or more of {', '.join(names)}",
     )
     attr.add_argument("--colormap", default="jet", choices=_colormaps(), metavar="NAME",
                       help="OpenCV colormap: " + ", ".join(_colormaps()))  # fmt: skip
@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=list(SANITY_METHODS),
-        choices=sorted(METHODS),
+        choices=names,
         help="methods to check",
     )
     check.add_argument("--num-images", type=int, default=100, help="the first N evaluation images")

@@ -31,7 +31,7 @@ def explain_func(
         model: The ViT to explain (a Quantus model wrapper is unwrapped).
         inputs: Normalised images (B, C, H, W), numpy or torch.
         targets: Class per image (B,), an int, or ``None`` for the predicted class.
-        method: A registered method name (see :data:`~class_space_saliency.methods.METHODS`).
+        method: A registered method name (see :func:`~class_space_saliency.list_methods`).
         device: Where to compute (Quantus passes its ``device``); default: the model's.
         max_batch_size: Images per forward pass.
         **options: Constructor options of the method, e.g. ``layer=-2`` or ``score="rank"``.

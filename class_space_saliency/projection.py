@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ._deprecation import deprecated_aliases
 from ._validation import check_choice, check_inputs, check_target
 from .anatomy import ViTAnatomy
 
-SCORES = ("logit", "probability", "rank")
+TOKEN_SCORES = ("logit", "probability", "rank")
 """Per-token scores of the target class: its logit, its softmax probability, or its
 normalised rank ``1 - rank / C`` (1 = top-1)."""
 
@@ -38,7 +39,8 @@ def target_logits(anatomy: ViTAnatomy, tokens: torch.Tensor, target: torch.Tenso
     weight, bias = linear
     normed = anatomy.norm(tokens)
     rows = weight[target.to(weight.device)].to(normed.dtype)  # (B, D)
-    return torch.einsum("bnd,bd->bn", normed, rows) + bias[target.to(bias.device)][:, None]
+    scores = torch.bmm(normed, rows.unsqueeze(-1)).squeeze(-1)  # (B, N); bmm: no einsum parse
+    return scores + bias[target.to(bias.device)][:, None]
 
 
 def target_class_column(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -67,12 +69,12 @@ def token_scores(
         anatomy: The model's anatomy.
         tokens: Token states (B, N, D).
         target: Class index per example (B,).
-        score: ``"logit"``, ``"probability"`` or ``"rank"`` (see :data:`SCORES`).
+        score: ``"logit"``, ``"probability"`` or ``"rank"`` (see :data:`TOKEN_SCORES`).
 
     Returns:
         (B, N) float32 scores.
     """
-    check_choice("score", score, SCORES)
+    check_choice("score", score, TOKEN_SCORES)
     if score == "logit":
         return target_logits(anatomy, tokens, target).float()
     logits = anatomy.project(tokens).float()
@@ -211,3 +213,6 @@ def class_identifiability(
         num_images=int(inputs.shape[0]),
         component=component,
     )
+
+
+__getattr__ = deprecated_aliases(__name__, {"SCORES": "TOKEN_SCORES"}, globals())

@@ -31,19 +31,12 @@ from tqdm.auto import tqdm
 from ._stats import spearman
 from ._validation import TargetType, check_inputs, check_target
 from .anatomy import ViTAnatomy
-from .evaluation.runner import build_methods
+from .methods import create_methods, list_methods
 
-DEFAULT_METHODS = (
-    "class_space",
-    "class_space_gradient",
-    "gradcam",
-    "chefer",
-    "rollout",
-    "raw_attention",
-    "sobel",
-    "intensity",
-)
-"""Methods :func:`cascading_randomization` checks unless told otherwise."""
+DEFAULT_METHODS = tuple(name for name in list_methods(variants=False) if name != "random")
+"""Methods :func:`cascading_randomization` checks unless told otherwise: every registered
+method but ``random``, whose map depends on the image and seed alone (as ``sobel``'s and
+``intensity``'s do, which stay as the model-agnostic references)."""
 
 
 @torch.no_grad()
@@ -217,7 +210,7 @@ def cascading_randomization(
         inputs: Normalised images (B, C, H, W).
         targets: Class per image (int, list of ints or int tensor), the same at every
             step; e.g. the labels, or the trained model's predictions.
-        methods: Registry names (see ``create_method``); the methods are built on the copy.
+        methods: Registry names (see ``list_methods``); the methods are built on the copy.
         seed: Seed of the re-initialisation.
         max_batch_size: Images per forward pass.
         method_kwargs: Constructor options per method name.
@@ -249,7 +242,7 @@ def cascading_randomization(
         )
     cascade = randomization_cascade(model, seed)
     _, copied = next(cascade)
-    built, _ = build_methods(copied, names, method_kwargs)
+    built = create_methods(copied, names, method_kwargs)
 
     steps: list[str] = []
     rows: list[torch.Tensor] = []

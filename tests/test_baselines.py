@@ -28,12 +28,11 @@ from class_space_saliency import (
     SobelSaliency,
     ViTAnatomy,
 )
-from class_space_saliency.methods import METHODS, create_method
+from class_space_saliency.methods import METHODS, create_method, list_methods
 from class_space_saliency.methods.chefer import gradient_weighted_rollout
 from class_space_saliency.methods.controls import pool_to_grid
 from class_space_saliency.methods.rollout import attention_rollout
 
-BASELINES = ["gradcam", "rollout", "chefer", "raw_attention", "random", "sobel", "intensity"]
 TIMM_FAMILIES = [f for f in FAMILIES if f != "torchvision"]
 TARGET = torch.tensor([0, 4, 6])
 
@@ -373,7 +372,7 @@ def test_batched_per_example_targets_equal_one_by_one(name, family):
     torch.testing.assert_close(explainer.attribute(images), explainer.attribute(images, predicted))
 
 
-@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("name", list_methods(variants=False))
 def test_model_state_untouched(name):
     model = make_model("plain")
     for module in model.modules():

@@ -24,7 +24,7 @@ from class_space_saliency import ClassSpaceSaliency
 from class_space_saliency._stats import spearman
 from class_space_saliency.evaluation import (
     PRESETS,
-    Protocol,
+    PerturbationProtocol,
     noisy_linear_impute,
     perturbation_curves,
 )
@@ -252,7 +252,7 @@ def curve_timings(
     cases = dict(PRESETS)
     cases[PIXEL_STEPS] = tuple(as_pixel_steps(p, maps[0].numel()) for p in PRESETS["vilas2023"])
 
-    def curves(protocols: Sequence[Protocol]) -> int:
+    def curves(protocols: Sequence[PerturbationProtocol]) -> int:
         steps = 0
         for protocol in protocols:
             x, _ = perturbation_curves(

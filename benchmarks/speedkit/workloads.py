@@ -14,8 +14,8 @@ from captum.attr import LayerGradCam
 from torch import nn
 
 from class_space_saliency.data import load_default_eval
-from class_space_saliency.evaluation import Protocol
-from class_space_saliency.methods import METHODS, create_method
+from class_space_saliency.evaluation import PerturbationProtocol
+from class_space_saliency.methods import create_method, list_methods
 from class_space_saliency.models import load_default
 
 CAPTUM = "captum_layergradcam"
@@ -30,12 +30,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 MEASUREMENTS = (
     "forward",
     *VARIANTS,
-    *(name for name in METHODS if name != "class_space"),
+    *(name for name in list_methods(variants=False) if name != "class_space"),
     CAPTUM,
 )
 """Every measured call; ``forward`` (plain, under ``torch.no_grad()``) is the reference."""
 
-NEEDS_GRAD = frozenset({"class_space_gradient", "gradcam", "chefer", CAPTUM})
+NEEDS_GRAD = frozenset({*list_methods(needs_gradients=True), CAPTUM})
 """Measurements that take gradients; every other one runs under ``torch.no_grad()``."""
 
 PIXEL_STEPS = "vilas2023 as pixel steps"
@@ -134,7 +134,7 @@ def make_call(
     return call
 
 
-def as_pixel_steps(protocol: Protocol, num_tokens: int) -> Protocol:
+def as_pixel_steps(protocol: PerturbationProtocol, num_tokens: int) -> PerturbationProtocol:
     """A token-removal protocol redone with black pixel deletion at the same step count.
 
     Args:

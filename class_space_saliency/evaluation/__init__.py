@@ -6,6 +6,7 @@ Example:
     ...     mean=(0.5,) * 3, std=(0.5,) * 3, out_dir="runs/a")
 """
 
+from .._deprecation import deprecated_aliases
 from .curves import (
     area_under_curve,
     curve_x,
@@ -16,7 +17,7 @@ from .curves import (
 from .datasets import ImageFolderDataset, TensorPairDataset, UnreadableImageError
 from .imputation import noisy_linear_impute
 from .localisation import localisation
-from .protocols import PRESETS, PROTOCOLS, Protocol, resolve_protocols
+from .protocols import PRESETS, PROTOCOLS, PerturbationProtocol, resolve_protocols
 from .report import BenchmarkReport, MethodRow, summarize, write_report
 from .runner import run_benchmark
 from .store import load_config, load_records
@@ -27,7 +28,7 @@ __all__ = [
     "BenchmarkReport",
     "ImageFolderDataset",
     "MethodRow",
-    "Protocol",
+    "PerturbationProtocol",
     "TensorPairDataset",
     "UnreadableImageError",
     "area_under_curve",
@@ -44,3 +45,5 @@ __all__ = [
     "summarize",
     "write_report",
 ]
+
+__getattr__ = deprecated_aliases(__name__, {"Protocol": "PerturbationProtocol"}, globals())

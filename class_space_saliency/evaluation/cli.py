@@ -14,6 +14,8 @@ from .protocols import PRESETS
 from .runner import run_benchmark
 
 DEFAULT_METHODS = ("class_space", "gradcam", "rollout", "chefer", "random", "sobel", "intensity")
+"""The default selection of ``--methods`` (any of ``list_methods()`` may be chosen): the paper's
+map, the field's three strongest simple baselines and the three controls."""
 
 
 def add_prompts_argument(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +45,9 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
         >>> exit_code = args.func(args)
     """
     from ..cli import HelpFormatter
-    from ..methods import METHODS
+    from ..methods import list_methods
+
+    names = sorted(list_methods())
 
     parser = subparsers.add_parser(
         "benchmark",
@@ -73,9 +77,9 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
         "--methods",
         nargs="+",
         default=list(DEFAULT_METHODS),
-        choices=sorted(METHODS),
+        choices=names,
         metavar="METHOD",
-        help=f"any of {', '.join(sorted(METHODS))}",
+        help=f"any of {', '.join(names)}",
     )
     parser.add_argument(
         "--protocols",

@@ -24,10 +24,10 @@ from ..adapters import find_token_path
 from ..adapters.hf import hf_logits
 from ..methods.base import upsample_maps
 from .imputation import noisy_linear_impute
-from .protocols import Protocol
+from .protocols import PerturbationProtocol
 
 
-def curve_x(protocol: Protocol, num_points: int) -> list[float]:
+def curve_x(protocol: PerturbationProtocol, num_points: int) -> list[float]:
     """The x values (fractions of units perturbed) of a curve with ``num_points`` points.
 
     Example:
@@ -39,7 +39,7 @@ def curve_x(protocol: Protocol, num_points: int) -> list[float]:
     return list(protocol.steps)
 
 
-def step_counts(protocol: Protocol, num_units: int) -> tuple[list[float], list[int]]:
+def step_counts(protocol: PerturbationProtocol, num_units: int) -> tuple[list[float], list[int]]:
     """The x values of the curve and the number of units perturbed at each step.
 
     Args:
@@ -71,7 +71,7 @@ def area_under_curve(curves: np.ndarray, x: Sequence[float], rule: str) -> np.nd
         x: The S x values.
         rule: ``"trapezoid"``, ``"trapezoid_percent"``, ``"mean"`` or
             ``"max_normalised_sum"`` (see
-            :class:`~class_space_saliency.evaluation.protocols.Protocol`).
+            :class:`~class_space_saliency.evaluation.protocols.PerturbationProtocol`).
 
     Returns:
         (...) areas.
@@ -132,7 +132,7 @@ def perturbation_ranks(values: torch.Tensor, order: str, images: torch.Tensor) -
 
 
 def baseline_images(
-    protocol: Protocol,
+    protocol: PerturbationProtocol,
     images: torch.Tensor,
     mean: Sequence[float],
     std: Sequence[float],
@@ -247,7 +247,7 @@ def _token_forward(
 
 
 def _unit_values(
-    protocol: Protocol, maps: torch.Tensor, images: torch.Tensor
+    protocol: PerturbationProtocol, maps: torch.Tensor, images: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Saliency per perturbation unit, flattened (B, P), and the unit grid."""
     if maps.dim() != 4 or maps.shape[:2] != (images.shape[0], 1):
@@ -266,7 +266,7 @@ def perturbation_scores(
     images: torch.Tensor,
     maps: torch.Tensor,
     targets: torch.Tensor,
-    protocol: Protocol,
+    protocol: PerturbationProtocol,
     *,
     mean: Sequence[float],
     std: Sequence[float],
@@ -343,7 +343,7 @@ def perturbation_curves(
     images: torch.Tensor,
     maps: torch.Tensor,
     targets: torch.Tensor,
-    protocol: Protocol,
+    protocol: PerturbationProtocol,
     *,
     mean: Sequence[float],
     std: Sequence[float],

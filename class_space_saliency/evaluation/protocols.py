@@ -1,6 +1,6 @@
 """Faithfulness protocols: every knob of a perturbation test, named, with the field's presets.
 
-A :class:`Protocol` describes one curve: which units are perturbed (pixels, patches or
+A :class:`PerturbationProtocol` describes one curve: which units are perturbed (pixels, patches or
 tokens), in which order, with what they are replaced, what is scored and how the curve is
 summarised. Each preset yields its pair of curves as separately named sub-protocols, e.g.
 ``"chefer2021/positive"`` and ``"chefer2021/negative"``; change any knob with
@@ -14,19 +14,22 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .._deprecation import deprecated_aliases
 from .._validation import check_choice
 
 UNITS = ("pixel", "patch", "token")
 ORDERS = ("positive", "negative")
 MODES = ("deletion", "insertion")
-BASELINES = ("black", "zero", "mean", "blur", "impute")
-SCORES = ("accuracy", "probability", "logit")
+BASELINE_FILLS = ("black", "zero", "mean", "blur", "impute")
+"""What hidden pixels show (``PerturbationProtocol.baseline``)."""
+CURVE_SCORES = ("accuracy", "probability", "logit")
+"""What a perturbation curve records at each step (``PerturbationProtocol.score``)."""
 CLASSES = ("label", "predicted")
 AUC_RULES = ("trapezoid", "trapezoid_percent", "max_normalised_sum", "mean")
 
 
 @dataclass(frozen=True)
-class Protocol:
+class PerturbationProtocol:
     """One perturbation curve and how it is summarised.
 
     Attributes:
@@ -89,7 +92,7 @@ class Protocol:
         check_choice("unit", self.unit, UNITS)
         check_choice("order", self.order, ORDERS)
         check_choice("mode", self.mode, MODES)
-        check_choice("score", self.score, SCORES)
+        check_choice("score", self.score, CURVE_SCORES)
         check_choice("map_class", self.map_class, CLASSES)
         check_choice("score_class", self.score_class, CLASSES)
         check_choice("auc", self.auc, AUC_RULES)
@@ -97,7 +100,7 @@ class Protocol:
             if self.baseline is not None:
                 raise ValueError(f"token removal takes no baseline, got {self.baseline!r}")
         else:
-            check_choice("baseline", self.baseline, BASELINES)
+            check_choice("baseline", self.baseline, BASELINE_FILLS)
         if self.steps is not None:
             steps = tuple(float(step) for step in self.steps)
             if not steps or any(not 0.0 <= step <= 1.0 for step in steps):
@@ -109,7 +112,7 @@ class Protocol:
             raise ValueError(f"blur_kernel_size must be odd, got {self.blur_kernel_size}")
         extra = tuple(self.extra_scores)
         for score in extra:
-            check_choice("extra_scores", score, SCORES)
+            check_choice("extra_scores", score, CURVE_SCORES)
         object.__setattr__(self, "extra_scores", extra)
         if self.baseline == "impute" and (self.unit != "pixel" or self.mode != "deletion"):
             raise ValueError("baseline='impute' needs unit='pixel' and mode='deletion'")
@@ -132,8 +135,8 @@ class Protocol:
         return (self.mode == "insertion") == (self.order == "positive")
 
 
-def _chefer2021(order: str) -> Protocol:
-    return Protocol(
+def _chefer2021(order: str) -> PerturbationProtocol:
+    return PerturbationProtocol(
         name=f"chefer2021/{order}",
         steps=tuple(i / 10 for i in range(10)),
         unit="pixel",
@@ -147,8 +150,8 @@ def _chefer2021(order: str) -> Protocol:
     )
 
 
-def _rise2018(mode: str) -> Protocol:
-    return Protocol(
+def _rise2018(mode: str) -> PerturbationProtocol:
+    return PerturbationProtocol(
         name=f"rise2018/{mode}",
         steps=tuple(i / 20 for i in range(21)),
         unit="pixel",
@@ -162,8 +165,8 @@ def _rise2018(mode: str) -> Protocol:
     )
 
 
-def _vilas2023(order: str) -> Protocol:
-    return Protocol(
+def _vilas2023(order: str) -> PerturbationProtocol:
+    return PerturbationProtocol(
         name=f"vilas2023/{order}",
         steps=None,
         unit="token",
@@ -177,8 +180,8 @@ def _vilas2023(order: str) -> Protocol:
     )
 
 
-def _road2022(order: str) -> Protocol:
-    return Protocol(
+def _road2022(order: str) -> PerturbationProtocol:
+    return PerturbationProtocol(
         name=f"road2022/{'morf' if order == 'positive' else 'lerf'}",
         steps=tuple(i / 10 for i in range(1, 10)),
         unit="pixel",
@@ -193,7 +196,7 @@ def _road2022(order: str) -> Protocol:
     )
 
 
-PRESETS: dict[str, tuple[Protocol, ...]] = {
+PRESETS: dict[str, tuple[PerturbationProtocol, ...]] = {
     "chefer2021": (_chefer2021("positive"), _chefer2021("negative")),
     "rise2018": (_rise2018("deletion"), _rise2018("insertion")),
     "vilas2023": (_vilas2023("positive"), _vilas2023("negative")),
@@ -221,12 +224,12 @@ PRESETS: dict[str, tuple[Protocol, ...]] = {
   (higher is better).
 """
 
-PROTOCOLS: dict[str, Protocol] = {p.name: p for pair in PRESETS.values() for p in pair}
-"""Sub-protocol name (``"chefer2021/positive"`` …) -> :class:`Protocol`."""
+PROTOCOLS: dict[str, PerturbationProtocol] = {p.name: p for pair in PRESETS.values() for p in pair}
+"""Sub-protocol name (``"chefer2021/positive"`` …) -> :class:`PerturbationProtocol`."""
 
 
-def resolve_protocols(specs: Sequence[str | Protocol]) -> list[Protocol]:
-    """Expand preset names, sub-protocol names and :class:`Protocol` objects to a list.
+def resolve_protocols(specs: Sequence[str | PerturbationProtocol]) -> list[PerturbationProtocol]:
+    """Expand preset names, sub-protocol names and :class:`PerturbationProtocol` objects to a list.
 
     Args:
         specs: E.g. ``["chefer2021", "rise2018/deletion", my_protocol]``.
@@ -241,11 +244,11 @@ def resolve_protocols(specs: Sequence[str | Protocol]) -> list[Protocol]:
         >>> [p.name for p in resolve_protocols(["vilas2023"])]
         ['vilas2023/positive', 'vilas2023/negative']
     """
-    if isinstance(specs, str | Protocol):
+    if isinstance(specs, str | PerturbationProtocol):
         specs = [specs]
-    resolved: list[Protocol] = []
+    resolved: list[PerturbationProtocol] = []
     for spec in specs:
-        if isinstance(spec, Protocol):
+        if isinstance(spec, PerturbationProtocol):
             resolved.append(spec)
         elif spec in PRESETS:
             resolved.extend(PRESETS[spec])
@@ -264,9 +267,16 @@ def resolve_protocols(specs: Sequence[str | Protocol]) -> list[Protocol]:
     return resolved
 
 
-def protocol_to_dict(protocol: Protocol) -> dict:
-    """All knobs of ``protocol`` as a JSON-ready dict (inverse: ``Protocol(**d)``)."""
+def protocol_to_dict(protocol: PerturbationProtocol) -> dict:
+    """All knobs of ``protocol`` as a JSON-ready dict (inverse: ``PerturbationProtocol(**d)``)."""
     knobs = dataclasses.asdict(protocol)
     knobs["steps"] = None if protocol.steps is None else list(protocol.steps)
     knobs["extra_scores"] = list(protocol.extra_scores)
     return knobs
+
+
+__getattr__ = deprecated_aliases(
+    __name__,
+    {"Protocol": "PerturbationProtocol", "SCORES": "CURVE_SCORES", "BASELINES": "BASELINE_FILLS"},
+    globals(),
+)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .curves import area_under_curve, curve_x
 from .localisation import METRICS
-from .protocols import Protocol, protocol_to_dict
+from .protocols import PerturbationProtocol, protocol_to_dict
 from .store import LOCALISATION, load_config, load_records
 
 REFERENCE = "class_space"
@@ -104,7 +104,7 @@ class Section:
     name: str
     higher_is_better: bool
     rule: str
-    protocol: Protocol | None = None
+    protocol: PerturbationProtocol | None = None
     description: str = ""
 
 
@@ -151,7 +151,7 @@ def _protocol_rows(
 
 
 def _per_image_values(
-    results: Sequence[dict], protocols: Sequence[Protocol], localised: bool
+    results: Sequence[dict], protocols: Sequence[PerturbationProtocol], localised: bool
 ) -> tuple[list[Section], dict[str, dict[tuple[str, int], list[float]]]]:
     """Sections and their per-image curves ``{section: {(method, image): curve}}``."""
     found: dict[str, dict[tuple[str, int], list[float]]] = {}
@@ -218,7 +218,7 @@ def summarize(
     Example:
         >>> report = summarize(load_records("runs/a"), load_config("runs/a"))
     """
-    protocols = [Protocol(**knobs) for knobs in config["protocols"]]
+    protocols = [PerturbationProtocol(**knobs) for knobs in config["protocols"]]
     methods = [m["name"] for m in config["methods"]]
     results = [r for r in records if r.get("method") is not None]
     images = {r["image"]: r for r in results}
@@ -338,7 +338,7 @@ def _plot(report: BenchmarkReport, out_dir: Path) -> list[Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    protocols = [Protocol(**knobs) for knobs in report.config["protocols"]]
+    protocols = [PerturbationProtocol(**knobs) for knobs in report.config["protocols"]]
     presets = dict.fromkeys(p.preset for p in protocols if p.name in report.curves)
     files = []
     for preset in presets:

@@ -27,7 +27,7 @@ from .curves import area_under_curve, check_token_model, perturbation_scores
 from .datasets import UnreadableImageError, as_dataset, dataset_fingerprint, has_masks
 from .distributed import shard_from_env
 from .localisation import localisation
-from .protocols import Protocol, protocol_to_dict, resolve_protocols
+from .protocols import PerturbationProtocol, protocol_to_dict, resolve_protocols
 from .report import BenchmarkReport, write_report
 from .store import LOCALISATION, ResultStore, load_records, record_key
 
@@ -115,7 +115,7 @@ def _evaluate_batch(
     masks: torch.Tensor | None,
     indices: Sequence[int],
     methods: Mapping[str, Attributor],
-    protocols: Sequence[Protocol],
+    protocols: Sequence[PerturbationProtocol],
     curve_options: dict,
 ) -> list[dict]:
     """Records of every method x protocol (and localisation, given masks) for one batch.
@@ -210,7 +210,7 @@ def run_benchmark(
     model: nn.Module,
     dataset: Dataset | tuple[torch.Tensor, ...],
     methods: Sequence[str] | Mapping[str, Attributor],
-    protocols: Sequence[str | Protocol],
+    protocols: Sequence[str | PerturbationProtocol],
     mean: Sequence[float],
     std: Sequence[float],
     out_dir: str | Path,
@@ -243,7 +243,7 @@ def run_benchmark(
         methods: Registry names (see ``create_method``) or a mapping name -> object with
             ``attribute(inputs, target)``.
         protocols: Preset names (``"chefer2021"``), curve names (``"rise2018/deletion"``)
-            or :class:`Protocol` objects.
+            or :class:`PerturbationProtocol` objects.
         mean: Per-channel mean of the model's normalisation.
         std: Per-channel std of the model's normalisation.
         out_dir: Run folder; a folder holding another configuration raises ``ValueError``.

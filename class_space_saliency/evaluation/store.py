@@ -49,7 +49,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict], int]:
     return records, valid
 
 
-def _normalise(config: dict) -> dict:
+def _normalize(config: dict) -> dict:
     """``config`` as it reads back from JSON (tuples become lists)."""
     return json.loads(json.dumps(config))
 
@@ -65,7 +65,7 @@ def merge_configs(stored: dict, wanted: dict) -> dict:
         ValueError: Naming the entries that differ otherwise (including a method or
             protocol of the same name with other settings).
     """
-    stored, wanted = _normalise(stored), _normalise(wanted)
+    stored, wanted = _normalize(stored), _normalize(wanted)
     keys = sorted(
         k
         for k in stored.keys() | wanted.keys()
@@ -112,7 +112,7 @@ class ResultStore:
             The merged config (``n`` the larger, methods and protocols the union).
         """
         if not self.config_path.exists():
-            return _normalise(config)
+            return _normalize(config)
         stored = json.loads(self.config_path.read_text())
         try:
             return merge_configs(stored, config)
@@ -126,7 +126,7 @@ class ResultStore:
     def write_config(self, config: dict) -> None:
         """Write ``config.json`` atomically (temporary file, then rename)."""
         temporary = self.config_path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(_normalise(config), indent=2) + "\n")
+        temporary.write_text(json.dumps(_normalize(config), indent=2) + "\n")
         os.replace(temporary, self.config_path)
 
     def repair(self) -> int:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from ._attention import check_attention_support, image_token_row
-from .base import SaliencyMethod, tokens_to_grid
+from ._attention import image_token_row
+from .base import MethodOptions, SaliencyMethod, tokens_to_grid
+from .registry import register_method
 
 
 def gradient_weighted_rollout(
@@ -41,6 +41,7 @@ def gradient_weighted_rollout(
     return relevance
 
 
+@register_method("chefer", needs_gradients=True, needs_attention=True)
 class CheferRollout(SaliencyMethod):
     """Gradient-weighted attention rollout, the field's strongest simple baseline.
 
@@ -57,23 +58,22 @@ class CheferRollout(SaliencyMethod):
 
     Args:
         model: A supported timm ViT.
-        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
-
-    Returns:
-        ``attribute`` returns float32 maps (B, 1, h, w).
+        class_names, **kwargs: Class names and parts of a custom model (no options).
 
     Example:
-        >>> maps = CheferRollout(model).attribute(images, target=labels)  # (B, 1, h, w)
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+        ...                           depth=2, num_classes=5)
+        >>> CheferRollout(model).attribute(torch.randn(2, 3, 32, 32), target=[0, 4]).shape
+        torch.Size([2, 1, 4, 4])
     """
 
-    cost = "forward + backward to every block's attention"
-
-    def __init__(self, model: nn.Module, **anatomy_overrides) -> None:
-        super().__init__(model, **anatomy_overrides)
-        check_attention_support(type(self).__name__, self.anatomy, model, differentiable=True)
-
     def _attribute(
-        self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
+        self,
+        inputs: torch.Tensor,
+        target: torch.Tensor | None,
+        grid: tuple[int, int],
+        options: MethodOptions,
     ) -> torch.Tensor:
         blocks = list(range(self.anatomy.depth))
         # A leaf input that requires grad builds the graph without touching parameter flags.

@@ -18,8 +18,9 @@ from torch import nn
 from .._seeding import image_generator
 from ..adapters import UnsupportedModelError
 from ..adapters.base import pair
-from ..anatomy import patch_grid
-from .base import SaliencyMethod
+from ..anatomy import ViTAnatomy, patch_grid
+from .base import ANATOMY_ARGUMENTS, MethodOptions, SaliencyMethod
+from .registry import register_method
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
@@ -65,21 +66,25 @@ class ControlSaliency(SaliencyMethod):
 
     Args:
         model: Any image classifier.
-        num_classes: Classes of a model that no adapter supports (with ``patch_size``).
-        **anatomy_overrides: ``patch_size`` (int or (ph, pw)) and, for supported models,
-            parts of a custom ViT (see ``ViTAnatomy.from_model``).
+        *args, **kwargs: The control's options, ``class_names``, ``num_classes`` (classes
+            of a model that no adapter supports, with ``patch_size``), ``patch_size`` (int
+            or (ph, pw)) and, for supported models, parts of a custom ViT (see
+            ``ViTAnatomy.from_model``).
 
     Raises:
         UnsupportedModelError: For an unsupported model without ``patch_size`` and
             ``num_classes``.
     """
 
-    def __init__(self, model: nn.Module, num_classes: int | None = None, **anatomy_overrides):
+    model_arguments = (*ANATOMY_ARGUMENTS, "num_classes")
+
+    def _build_anatomy(
+        self, model: nn.Module, num_classes: int | None = None, **parts
+    ) -> ViTAnatomy | ImageGrid:
         try:
-            super().__init__(model, **anatomy_overrides)
-            return
+            return super()._build_anatomy(model, **parts)
         except UnsupportedModelError as error:
-            patch_size = anatomy_overrides.get("patch_size")
+            patch_size = parts.get("patch_size")
             if patch_size is None or num_classes is None:
                 raise UnsupportedModelError(
                     f"{error}. The controls work on any image classifier: pass patch_size= "
@@ -87,12 +92,25 @@ class ControlSaliency(SaliencyMethod):
                 ) from error
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        super(SaliencyMethod, self).__init__(model)  # captum's Attribution
-        self.model = model
-        self.anatomy = ImageGrid(pair(patch_size), num_classes)
-        self._num_classes = num_classes
+        return ImageGrid(pair(patch_size), num_classes)
 
 
+@dataclass(frozen=True)
+class RandomOptions(MethodOptions):
+    """Options of :class:`RandomSaliency`.
+
+    Attributes:
+        seed: The base seed of every image's generator.
+    """
+
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+
+
+@register_method("random", class_specific=False, model_agnostic=True)
 class RandomSaliency(ControlSaliency):
     """Uniform random maps in [0, 1), seeded and reproducible.
 
@@ -103,38 +121,37 @@ class RandomSaliency(ControlSaliency):
 
     Args:
         model: Any image classifier (only its patch grid and class count are used).
-        seed: The base seed.
-        num_classes: Classes of a model no adapter supports (see :class:`ControlSaliency`).
-        **anatomy_overrides: ``patch_size`` or parts of a custom model.
-
-    Returns:
-        ``attribute`` returns float32 maps (B, 1, h, w) in [0, 1).
+        *args, **kwargs: :class:`RandomOptions` (``seed``), ``num_classes`` for a model no
+            adapter supports (see :class:`ControlSaliency`), ``patch_size`` or parts of a
+            custom model.
 
     Example:
-        >>> maps = RandomSaliency(model, seed=0).attribute(images)  # (B, 1, h, w)
+        >>> import torch
+        >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+        >>> random = RandomSaliency(cnn, seed=0, patch_size=8, num_classes=10)
+        >>> images = torch.randn(3, 3, 32, 32)
+        >>> maps = random.attribute(images)
+        >>> maps.shape
+        torch.Size([3, 1, 4, 4])
+        >>> torch.equal(random.attribute(images[[2, 0]]), maps[[2, 0]])  # per image, any batch
+        True
     """
 
-    cost = "no model pass"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        seed: int = 0,
-        num_classes: int | None = None,
-        **anatomy_overrides,
-    ) -> None:
-        super().__init__(model, num_classes, **anatomy_overrides)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
+    Options = RandomOptions
 
     def _attribute(
-        self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
+        self,
+        inputs: torch.Tensor,
+        target: torch.Tensor | None,
+        grid: tuple[int, int],
+        options: RandomOptions,
     ) -> torch.Tensor:
-        maps = [torch.rand((1, *grid), generator=image_generator(x, self.seed)) for x in inputs]
+        seed = options.seed
+        maps = [torch.rand((1, *grid), generator=image_generator(x, seed)) for x in inputs]
         return torch.stack(maps).to(inputs.device)
 
 
+@register_method("sobel", class_specific=False, model_agnostic=True)
 class SobelSaliency(ControlSaliency):
     """Edge strength: Sobel gradient magnitude of the image, averaged over each patch.
 
@@ -145,20 +162,23 @@ class SobelSaliency(ControlSaliency):
 
     Args:
         model: Any image classifier (only its patch grid and class count are used).
-        num_classes: Classes of a model no adapter supports (see :class:`ControlSaliency`).
-        **anatomy_overrides: ``patch_size`` or parts of a custom model.
-
-    Returns:
-        ``attribute`` returns float32 maps (B, 1, h, w).
+        **kwargs: ``num_classes`` for a model no adapter supports (see
+            :class:`ControlSaliency`), ``patch_size`` or parts of a custom model.
 
     Example:
-        >>> maps = SobelSaliency(model).attribute(images)  # (B, 1, h, w)
+        >>> import torch
+        >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+        >>> explainer = SobelSaliency(cnn, patch_size=8, num_classes=10)
+        >>> explainer.attribute(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 1, 4, 4])
     """
 
-    cost = "no model pass"
-
     def _attribute(
-        self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
+        self,
+        inputs: torch.Tensor,
+        target: torch.Tensor | None,
+        grid: tuple[int, int],
+        options: MethodOptions,
     ) -> torch.Tensor:
         gray = inputs.detach().float().mean(1, keepdim=True)
         padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
@@ -168,6 +188,7 @@ class SobelSaliency(ControlSaliency):
         return pool_to_grid(edges, grid, self.anatomy.patch_size)
 
 
+@register_method("intensity", class_specific=False, model_agnostic=True)
 class IntensitySaliency(ControlSaliency):
     """Brightness: the mean pixel value of each patch over all channels.
 
@@ -178,20 +199,23 @@ class IntensitySaliency(ControlSaliency):
 
     Args:
         model: Any image classifier (only its patch grid and class count are used).
-        num_classes: Classes of a model no adapter supports (see :class:`ControlSaliency`).
-        **anatomy_overrides: ``patch_size`` or parts of a custom model.
-
-    Returns:
-        ``attribute`` returns float32 maps (B, 1, h, w).
+        **kwargs: ``num_classes`` for a model no adapter supports (see
+            :class:`ControlSaliency`), ``patch_size`` or parts of a custom model.
 
     Example:
-        >>> maps = IntensitySaliency(model).attribute(images)  # (B, 1, h, w)
+        >>> import torch
+        >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+        >>> explainer = IntensitySaliency(cnn, patch_size=8, num_classes=10)
+        >>> explainer.attribute(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 1, 4, 4])
     """
 
-    cost = "no model pass"
-
     def _attribute(
-        self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
+        self,
+        inputs: torch.Tensor,
+        target: torch.Tensor | None,
+        grid: tuple[int, int],
+        options: MethodOptions,
     ) -> torch.Tensor:
         gray = inputs.detach().float().mean(1, keepdim=True)
         return pool_to_grid(gray, grid, self.anatomy.patch_size)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from captum.attr import LayerGradCam
 from torch import nn
 
-from .._validation import TargetType
+from .._hooks import forward_hook
+from .._validation import check_bool
 from ..adapters import UnsupportedModelError
-from .base import SaliencyMethod, tokens_to_grid
+from .base import MethodOptions, SaliencyMethod, tokens_to_grid
+from .registry import register_method
 
 
 class _TokenGrid(nn.Module):
@@ -33,6 +36,29 @@ def _target_scores(
     return logits.gather(1, target[:, None]).squeeze(1)
 
 
+@dataclass(frozen=True)
+class GradCAMOptions(MethodOptions):
+    """Options of :class:`GradCAM`.
+
+    Attributes:
+        layer: A block index (that block's norm before attention: timm ``norm1``,
+            torchvision ``ln_1``, Hugging Face ``layernorm_before``; default ``-1``, the last
+            block's, as pytorch-grad-cam recommends: the last block's output only reaches
+            the head through [CLS]) or any submodule of the model whose output is the tokens
+            (B, N, D) or a channels-last grid (B, h, w, D); the module once resolved.
+        relu: Keep only positive evidence (the original Grad-CAM); ``False`` keeps the sign.
+    """
+
+    layer: int | nn.Module = -1
+    relu: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int | nn.Module):
+            raise TypeError(f"layer must be a block index or an nn.Module, got {self.layer!r}")
+        check_bool("relu", self.relu)
+
+
+@register_method("gradcam", needs_gradients=True)
 class GradCAM(SaliencyMethod):
     """Grad-CAM on the image tokens of one layer of a ViT.
 
@@ -47,45 +73,29 @@ class GradCAM(SaliencyMethod):
 
     Args:
         model: A supported model (ViT or Swin).
-        layer: A block index (that block's norm before attention: timm ``norm1``,
-            torchvision ``ln_1``, Hugging Face ``layernorm_before``; default ``-1``, the last
-            block's, as pytorch-grad-cam recommends: the last block's output only reaches
-            the head through [CLS]) or any submodule of ``model`` whose output is the tokens
-            (B, N, D) or a channels-last grid (B, h, w, D).
-        relu: Keep only positive evidence (the original Grad-CAM); ``False`` keeps the sign.
-        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
-
-    Returns:
-        ``attribute`` returns float32 maps (B, 1, h, w).
+        *args, **kwargs: :class:`GradCAMOptions` (``layer``, ``relu``), ``class_names`` and
+            parts of a custom model (see ``ViTAnatomy.from_model``).
 
     Example:
-        >>> maps = GradCAM(model).attribute(images, target=labels)  # (B, 1, h, w)
-        >>> signed = GradCAM(model, layer=model.blocks[-2].norm1, relu=False).attribute(images)
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+        ...                           depth=2, num_classes=5)
+        >>> GradCAM(model).attribute(torch.randn(2, 3, 32, 32), target=1).shape
+        torch.Size([2, 1, 4, 4])
+        >>> signed = GradCAM(model, layer=model.blocks[0].norm1, relu=False)
     """
 
-    cost = "forward + backward to the chosen layer (default blocks[-1].norm1)"
+    Options = GradCAMOptions
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layer: int | nn.Module = -1,
-        relu: bool = True,
-        **anatomy_overrides,
-    ) -> None:
-        super().__init__(model, **anatomy_overrides)
-        self.layer = self._resolve_layer(layer)
-        self.relu = bool(relu)
-
-    def _resolve_layer(self, layer: int | nn.Module) -> nn.Module:
+    def _resolve_options(self, options: GradCAMOptions) -> GradCAMOptions:
+        layer = options.layer
         if isinstance(layer, nn.Module):
-            if not any(module is layer for module in self.model.modules()):
+            if not any(module is layer for module in self.anatomy.modules):
                 raise ValueError(
                     f"layer {type(layer).__name__} is not a submodule of "
                     f"{type(self.model).__name__}; pass e.g. model.blocks[-1].norm1"
                 )
-            return layer
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layer must be a block index or an nn.Module, got {layer!r}")
+            return options
         index = self.anatomy.resolve_layers(layer)[0]
         norms = self.anatomy.pre_attention_norms
         if norms is None or not isinstance(norms[index], nn.Module):
@@ -93,44 +103,14 @@ class GradCAM(SaliencyMethod):
                 f"block {layer} ({type(self.anatomy.blocks[index]).__name__}) has no known norm "
                 "before attention; pass the module to explain as layer=..."
             )
-        return norms[index]
-
-    def attribute(
-        self,
-        inputs: torch.Tensor,
-        target: TargetType = None,
-        *,
-        relu: bool | None = None,
-        upsample: bool = False,
-        max_batch_size: int | None = None,
-    ) -> torch.Tensor:
-        """Grad-CAM maps.
-
-        Args:
-            inputs: Normalised images (B, C, H, W).
-            target: ``None`` (predicted class), int, list of ints or 1-D int tensor.
-            relu: Overrides the constructor's choice.
-            upsample: Return maps bilinearly upsampled to the input size (H, W).
-            max_batch_size: Images per forward/backward pass.
-
-        Returns:
-            float32 maps (B, 1, h, w).
-        """
-        return self._attribute_batched(
-            inputs,
-            target,
-            upsample,
-            max_batch_size,
-            relu=self.relu if relu is None else bool(relu),
-        )
+        return replace(options, layer=norms[index])
 
     def _attribute(
         self,
         inputs: torch.Tensor,
         target: torch.Tensor | None,
         grid: tuple[int, int],
-        *,
-        relu: bool,
+        options: GradCAMOptions,
     ) -> torch.Tensor:
         prefix = self.anatomy.num_prefix_tokens
         view = _TokenGrid()
@@ -151,13 +131,10 @@ class GradCAM(SaliencyMethod):
             image = view(tokens_to_grid(image, grid).reshape(batch, width, *grid))
             return torch.cat([tokens[:, :prefix], image.flatten(2).transpose(1, 2)], 1)
 
-        handle = self.layer.register_forward_hook(as_grid)
-        try:
-            with self.anatomy.capture():  # eval mode, restored afterwards
-                forward = functools.partial(_target_scores, self.anatomy.forward)
-                cam = LayerGradCam(forward, view).attribute(
-                    inputs.detach(), additional_forward_args=(target,), relu_attributions=relu
-                )
-        finally:
-            handle.remove()
+        # capture() with nothing to record: eval mode, restored afterwards
+        with forward_hook(options.layer, as_grid), self.anatomy.capture():
+            forward = functools.partial(_target_scores, self.anatomy.forward)
+            cam = LayerGradCam(forward, view).attribute(
+                inputs.detach(), additional_forward_args=(target,), relu_attributions=options.relu
+            )
         return cam.detach()

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
-from torch import nn
 
-from ._attention import check_attention_support, fuse_heads, image_token_row, record_attention
-from .base import SaliencyMethod, tokens_to_grid
+from ._attention import fuse_heads, image_token_row, record_attention
+from .base import MethodOptions, SaliencyMethod, tokens_to_grid
+from .registry import register_method
 
 
+@dataclass(frozen=True)
+class RawAttentionOptions(MethodOptions):
+    """Options of :class:`RawAttention`.
+
+    Attributes:
+        layer: The block whose attention is read (default the last, ``-1``).
+    """
+
+    layer: int = -1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise TypeError(f"layer must be an int block index, got {self.layer!r}")
+
+
+@register_method("raw_attention", class_specific=False, needs_attention=True)
 class RawAttention(SaliencyMethod):
     """The attention of [CLS] to each image token in one block, mean over heads.
 
@@ -18,28 +36,29 @@ class RawAttention(SaliencyMethod):
 
     Args:
         model: A supported timm or torchvision ViT.
-        layer: The block whose attention is read (default the last, ``-1``).
-        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
-
-    Returns:
-        ``attribute`` returns float32 maps (B, 1, h, w).
+        *args, **kwargs: :class:`RawAttentionOptions` (``layer``), ``class_names`` and parts
+            of a custom model.
 
     Example:
-        >>> maps = RawAttention(model).attribute(images)  # (B, 1, h, w)
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+        ...                           depth=2, num_classes=5)
+        >>> RawAttention(model).attribute(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 1, 4, 4])
     """
 
-    cost = "forward only"
+    Options = RawAttentionOptions
 
-    def __init__(self, model: nn.Module, layer: int = -1, **anatomy_overrides) -> None:
-        super().__init__(model, **anatomy_overrides)
-        check_attention_support(type(self).__name__, self.anatomy, model)
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layer must be an int block index, got {layer!r}")
-        self.layer = self.anatomy.resolve_layers(layer)[0]
+    def _resolve_options(self, options: RawAttentionOptions) -> RawAttentionOptions:
+        return replace(options, layer=self.anatomy.resolve_layers(options.layer)[0])
 
     def _attribute(
-        self, inputs: torch.Tensor, target: torch.Tensor | None, grid: tuple[int, int]
+        self,
+        inputs: torch.Tensor,
+        target: torch.Tensor | None,
+        grid: tuple[int, int],
+        options: RawAttentionOptions,
     ) -> torch.Tensor:
-        (attention,) = record_attention(self.anatomy, inputs, [self.layer])
+        (attention,) = record_attention(self.anatomy, inputs, [options.layer])
         row = image_token_row(fuse_heads(attention, "mean"), self.anatomy)
         return tokens_to_grid(row, grid).unsqueeze(1)

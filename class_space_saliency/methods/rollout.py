@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
-from torch import nn
 
-from .._validation import TargetType, check_choice
-from ._attention import (
-    HEAD_FUSIONS,
-    check_attention_support,
-    fuse_heads,
-    image_token_row,
-    record_attention,
-)
-from .base import SaliencyMethod, tokens_to_grid
+from .._validation import check_choice
+from ._attention import HEAD_FUSIONS, fuse_heads, image_token_row, record_attention
+from .base import MethodOptions, SaliencyMethod, tokens_to_grid
+from .registry import register_method
 
 
 def _check_discard_ratio(discard_ratio: float) -> float:
@@ -98,6 +93,29 @@ def attention_rollout(
     return rollout
 
 
+@dataclass(frozen=True)
+class RolloutOptions(MethodOptions):
+    """Options of :class:`AttentionRollout`.
+
+    Attributes:
+        head_fusion: ``"mean"`` (default), ``"max"`` or ``"min"`` over heads.
+        discard_ratio: Fraction of the lowest fused attention entries zeroed per block and
+            per example (the [CLS]->[CLS] entry is never discarded); 0 keeps all.
+        start_layer: First block rolled out (negative counts from the end).
+    """
+
+    head_fusion: str = "mean"
+    discard_ratio: float = 0.0
+    start_layer: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
+        object.__setattr__(self, "discard_ratio", _check_discard_ratio(self.discard_ratio))
+        if isinstance(self.start_layer, bool) or not isinstance(self.start_layer, int):
+            raise TypeError(f"start_layer must be an int block index, got {self.start_layer!r}")
+
+
+@register_method("rollout", class_specific=False, needs_attention=True)
 class AttentionRollout(SaliencyMethod):
     """Attention rollout: the rows the head reads of the product of residual-corrected attention.
 
@@ -110,91 +128,34 @@ class AttentionRollout(SaliencyMethod):
 
     Args:
         model: A supported timm or torchvision ViT.
-        head_fusion: ``"mean"`` (default), ``"max"`` or ``"min"`` over heads.
-        discard_ratio: Fraction of the lowest fused attention entries zeroed per block and
-            per example (the [CLS]->[CLS] entry is never discarded); 0 keeps all.
-        start_layer: First block rolled out (negative counts from the end).
-        **anatomy_overrides: Parts of a custom model (see ``ViTAnatomy.from_model``).
-
-    Returns:
-        ``attribute`` returns float32 maps (B, 1, h, w).
+        *args, **kwargs: :class:`RolloutOptions` (``head_fusion``, ``discard_ratio``,
+            ``start_layer``), ``class_names`` and parts of a custom model.
 
     Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+        ...                           depth=2, num_classes=5)
         >>> explainer = AttentionRollout(model, head_fusion="max", discard_ratio=0.9)
-        >>> maps = explainer.attribute(images)  # (B, 1, h, w)
+        >>> explainer.attribute(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 1, 4, 4])
     """
 
-    cost = "forward only"
+    Options = RolloutOptions
 
-    def __init__(
-        self,
-        model: nn.Module,
-        head_fusion: str = "mean",
-        discard_ratio: float = 0.0,
-        start_layer: int = 0,
-        **anatomy_overrides,
-    ) -> None:
-        super().__init__(model, **anatomy_overrides)
-        check_attention_support(type(self).__name__, self.anatomy, model)
-        self.head_fusion = check_choice("head_fusion", head_fusion, HEAD_FUSIONS)
-        self.discard_ratio = _check_discard_ratio(discard_ratio)
-        self.start_layer = self._resolve_start(start_layer)
-
-    def _resolve_start(self, start_layer: int) -> int:
-        if isinstance(start_layer, bool) or not isinstance(start_layer, int):
-            raise TypeError(f"start_layer must be an int block index, got {start_layer!r}")
-        return self.anatomy.resolve_layers(start_layer)[0]
-
-    def attribute(
-        self,
-        inputs: torch.Tensor,
-        target: TargetType = None,
-        *,
-        head_fusion: str | None = None,
-        discard_ratio: float | None = None,
-        start_layer: int | None = None,
-        upsample: bool = False,
-        max_batch_size: int | None = None,
-    ) -> torch.Tensor:
-        """Attention rollout maps.
-
-        Args:
-            inputs: Normalised images (B, C, H, W).
-            target: Accepted for a uniform API and ignored (the map is class-agnostic).
-            head_fusion: Overrides the constructor's head fusion.
-            discard_ratio: Overrides the constructor's discard ratio.
-            start_layer: Overrides the constructor's first block.
-            upsample: Return maps bilinearly upsampled to the input size (H, W).
-            max_batch_size: Images per forward pass.
-
-        Returns:
-            float32 maps (B, 1, h, w).
-        """
-        return self._attribute_batched(
-            inputs,
-            target,
-            upsample,
-            max_batch_size,
-            head_fusion=check_choice("head_fusion", head_fusion or self.head_fusion, HEAD_FUSIONS),
-            discard_ratio=self.discard_ratio
-            if discard_ratio is None
-            else _check_discard_ratio(discard_ratio),
-            start_layer=self.start_layer
-            if start_layer is None
-            else self._resolve_start(start_layer),
-        )
+    def _resolve_options(self, options: RolloutOptions) -> RolloutOptions:
+        return replace(options, start_layer=self.anatomy.resolve_layers(options.start_layer)[0])
 
     def _attribute(
         self,
         inputs: torch.Tensor,
         target: torch.Tensor | None,
         grid: tuple[int, int],
-        *,
-        head_fusion: str,
-        discard_ratio: float,
-        start_layer: int,
+        options: RolloutOptions,
     ) -> torch.Tensor:
-        attentions = record_attention(self.anatomy, inputs, range(start_layer, self.anatomy.depth))
+        blocks = range(options.start_layer, self.anatomy.depth)
+        attentions = record_attention(self.anatomy, inputs, blocks)
         keep_first = self.anatomy.readout.cls_index == 0
-        rollout = attention_rollout(attentions, head_fusion, discard_ratio, keep_first=keep_first)
+        rollout = attention_rollout(
+            attentions, options.head_fusion, options.discard_ratio, keep_first=keep_first
+        )
         return tokens_to_grid(image_token_row(rollout, self.anatomy), grid).unsqueeze(1)
