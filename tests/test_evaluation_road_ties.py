@@ -102,3 +102,48 @@ def test_curves_do_not_depend_on_batching(name):
     assert torch.equal(whole, small_chunks)
     assert torch.equal(whole, torch.cat(parts))
     assert torch.equal(whole, reversed_order)
+
+
+class CountingModel(nn.Module):
+    """Wraps a model and counts the inputs it is given."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.inputs = model, 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.inputs += images.shape[0]
+        return self.model(images)
+
+
+# rise2018/insertion: the first step (all blurred) and the last (the image) of every map agree
+@pytest.mark.parametrize(("name", "shared"), [("rise2018/insertion", 2), ("road2022/lerf", 0)])
+def test_an_input_repeated_in_the_batch_goes_through_the_model_once(name, shared):
+    generator = torch.Generator().manual_seed(8)
+    images = torch.randn(2, 3, 8, 8, generator=generator)
+    maps = torch.randn(2, 1, 4, 4, generator=generator)
+    targets = torch.tensor([0, 2])
+    protocol = PROTOCOLS[name]
+    alone = CountingModel(linear_model())
+    _, expected = perturbation_scores(alone, images, maps, targets, protocol, mean=MEAN, std=STD)
+    # three copies of the batch (as three methods with equal maps), one with another map
+    other = torch.randn(2, 1, 4, 4, generator=generator)
+    repeated = CountingModel(linear_model())
+    _, scores = perturbation_scores(
+        repeated,
+        images.repeat(4, 1, 1, 1),
+        torch.cat([maps, maps, other, maps]),
+        targets.repeat(4),
+        protocol,
+        mean=MEAN,
+        std=STD,
+    )
+    steps = len(protocol.steps)
+    assert alone.inputs == 2 * steps
+    # the copies add nothing; the other map adds its inputs except those shared with the first
+    assert repeated.inputs == 2 * (2 * steps - shared)
+    _, with_other = perturbation_scores(alone, images, other, targets, protocol, mean=MEAN, std=STD)
+    for score, curves in scores.items():
+        for copy in (0, 1, 3):
+            assert torch.equal(curves[2 * copy : 2 * copy + 2], expected[score])
+        assert torch.equal(curves[4:6], with_other[score])

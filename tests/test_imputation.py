@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from class_space_saliency.evaluation import noisy_linear_impute
+from class_space_saliency.evaluation import imputation, noisy_linear_impute
 
 road = pytest.importorskip("pytorch_grad_cam.metrics.road")
 # the reference imputer hands torch tensors to NumPy 2, which warns
@@ -86,3 +86,28 @@ def test_bad_arguments():
         noisy_linear_impute(images, keep, noise=-0.1)
     with pytest.raises(ValueError, match="at least one pixel"):
         noisy_linear_impute(images, torch.zeros_like(keep))
+
+
+def test_stacked_images_equal_the_reference_and_per_image_generators(monkeypatch):
+    keeps = masks(10, 12)
+    keep = torch.stack(list(keeps.values()))
+    images = torch.randn(len(keeps), 3, 10, 12, generator=torch.Generator().manual_seed(5))
+    batch = noisy_linear_impute(images, keep, noise=0)  # one stacked banded system
+    for i in range(len(keeps)):
+        expected = road.NoisyLinearImputer(noise=0)(images[i], keep[i].float())
+        assert torch.allclose(batch[i], expected, atol=1e-4)
+    monkeypatch.setattr(imputation, "GROUP_PIXELS", 2 * 10 * 12)  # groups of two images
+    assert torch.allclose(noisy_linear_impute(images, keep, noise=0), batch, atol=1e-6)
+    # one generator per image draws exactly what the image alone draws from it
+    seeds = range(len(keeps))
+    noisy = noisy_linear_impute(
+        images, keep, 0.1, [torch.Generator().manual_seed(s) for s in seeds]
+    )
+    for i, seed in zip(range(len(keeps)), seeds, strict=True):
+        single = noisy_linear_impute(
+            images[i : i + 1], keep[i : i + 1], 0.1, torch.Generator().manual_seed(seed)
+        )
+        assert torch.allclose(noisy[i], single[0], atol=1e-6)
+        assert not torch.equal(noisy[i], batch[i])
+    with pytest.raises(ValueError, match="one per image"):
+        noisy_linear_impute(images, keep, 0.1, [torch.Generator()])

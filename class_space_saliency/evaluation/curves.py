@@ -3,9 +3,11 @@
 Ties in a perturbation order are broken by a permutation seeded with the image itself, so
 curves do not depend on batching or sharding. All ``B * S`` perturbed inputs of a batch
 (B images, S steps) go through the model in chunks of ``max_batch_size``; the perturbed
-images (or token sequences) of a chunk are built in one vectorised operation. Token removal
-runs each kept length as its own group of shorter sequences, packing proportionally more of
-them into a chunk. Imputed pixels (ROAD) are solved image by image on the CPU.
+images (or token sequences) of a chunk are built in one vectorised operation, and an input
+that occurs more than once (the same image with the same perturbed units, e.g. the clean
+image at step 0 of every method's curve) goes through once. Token removal runs each kept
+length as its own group of shorter sequences, packing proportionally more of them into a
+chunk. Imputed pixels (ROAD) are solved on the CPU, the images of a chunk together.
 """
 
 from __future__ import annotations
@@ -214,16 +216,12 @@ def _imputed_forward(
 
     def forward(rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         keep = visible.view(-1, *images.shape[-2:])
-        filled = [
-            noisy_linear_impute(
-                images[row][None],
-                keep[i][None],
-                noise,
-                image_generator(images[row], int(keep[i].sum())),
-            )
-            for i, row in enumerate(rows.tolist())
+        kept = keep.flatten(1).sum(1).tolist()
+        generators = [
+            image_generator(images[row], count)
+            for row, count in zip(rows.tolist(), kept, strict=True)
         ]
-        return hf_logits(model(torch.cat(filled)))
+        return hf_logits(model(noisy_linear_impute(images[rows], keep, noise, generators)))
 
     return forward
 
@@ -258,6 +256,33 @@ def _unit_values(
     if protocol.unit == "pixel":
         maps = upsample_maps(maps, images.shape[-2:])
     return maps.flatten(1), (maps.shape[-2], maps.shape[-1])
+
+
+def _packed_bits(mask: torch.Tensor) -> torch.Tensor:
+    """(R, P) bool -> (R, ceil(P / 64)) int64 words holding the same bits (a compact key)."""
+    padded = F.pad(mask.to(torch.uint8), (0, -mask.shape[1] % 64))
+    powers = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8, device=mask.device)
+    packed = (padded.view(mask.shape[0], -1, 8) * powers).sum(-1, dtype=torch.uint8)
+    return packed.view(torch.int64)
+
+
+def _distinct_rows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct rows of (R, K) ``keys``.
+
+    Returns:
+        ``(first, inverse)``: the index of each distinct row's first occurrence, ascending,
+        and (R,) the position in ``first`` of every row's key.
+
+    Example:
+        >>> _distinct_rows(torch.tensor([[2], [1], [2]]))
+        (tensor([0, 1]), tensor([0, 1, 0]))
+    """
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    rows = torch.arange(keys.shape[0], device=keys.device)
+    first = torch.full_like(inverse[: int(inverse.max()) + 1], keys.shape[0])
+    first = first.scatter_reduce(0, inverse, rows, "amin")
+    order = torch.argsort(first)
+    return first[order], torch.argsort(order)[inverse]
 
 
 @torch.no_grad()
@@ -324,16 +349,29 @@ def perturbation_scores(
     scores = {name: torch.empty(batch, len(counts)) for name in names}
     targets = targets.to(device)
     counts_t = torch.tensor(counts, device=device)
+    # identical images (e.g. one image explained by several methods) with the same perturbed
+    # units are one input: each distinct (image, perturbed units) goes through the model once
+    image_ids = torch.unique(images.flatten(1), dim=0, return_inverse=True)[1]
     for length, steps in groups.items():
         step_index = torch.tensor(steps, device=device).repeat_interleave(batch)
         rows = torch.arange(batch, device=device).repeat(len(steps))
         chunk = max(1, max_batch_size * full_length // max(length, 1))
-        for start in range(0, rows.shape[0], chunk):
-            r, s = rows[start : start + chunk], step_index[start : start + chunk]
+        keys = torch.cat(
+            [
+                torch.cat([image_ids[r, None], _packed_bits(ranks[r] < counts_t[s, None])], 1)
+                for r, s in zip(rows.split(chunk), step_index.split(chunk), strict=True)
+            ]
+        )
+        first, inverse = _distinct_rows(keys)
+        logits = []
+        for part in first.split(chunk):
+            r, s = rows[part], step_index[part]
             perturbed = ranks[r] < counts_t[s, None]
-            logits = forward(r, perturbed if insertion else ~perturbed)
-            for name, curves in scores.items():
-                curves[r.cpu(), s.cpu()] = score_logits(logits, targets[r], name).cpu()
+            logits.append(forward(r, perturbed if insertion else ~perturbed))
+        every = torch.cat(logits)[inverse]
+        r, s = rows.cpu(), step_index.cpu()
+        for name, curves in scores.items():
+            curves[r, s] = score_logits(every, targets[rows], name).cpu()
     return x, scores
 
 

@@ -1,7 +1,8 @@
 """The benchmark runner: methods x protocols over a dataset, resumable and shardable.
 
 :func:`run_benchmark` evaluates images in batches: one clean forward (prediction), each
-method's maps once per image (per class the protocols ask for), then every protocol's curve.
+method's maps once per image (per class the protocols ask for), then every protocol's curves
+of all methods at once (an input several methods share goes through the model once).
 Records are appended to the run folder's JSONL store after every batch, so a killed run
 resumes where it stopped. Under ``torchrun`` each rank takes every ``world_size``-th image
 and writes its own shard; rank 0 writes the report once all ranks are done.
@@ -142,21 +143,38 @@ def _evaluate_batch(
             **values,
         }
 
-    for name, method in methods.items():
-        # one map per class the protocols (and localisation) ask for
-        maps = {c: method.attribute(images, target=classes[c]) for c in needed}
-        for protocol in protocols:
-            target = classes[protocol.map_class]
+    # one map per method and class the protocols (and localisation) ask for; each protocol
+    # then runs the maps of all methods (of one map grid) in one call, the images repeated per
+    # method, so inputs that several methods share go through the model once
+    maps = {
+        name: {c: method.attribute(images, target=classes[c]) for c in needed}
+        for name, method in methods.items()
+    }
+    curves = {}
+    for protocol in protocols:
+        grids: dict[tuple, list[str]] = {}
+        for name in methods:
+            grids.setdefault(tuple(maps[name][protocol.map_class].shape), []).append(name)
+        for names in grids.values():
             x, scores = perturbation_scores(
                 model,
-                images,
-                maps[protocol.map_class],
-                classes[protocol.score_class],
+                images.repeat(len(names), *([1] * (images.dim() - 1))),
+                torch.cat([maps[name][protocol.map_class].to(images.device) for name in names]),
+                classes[protocol.score_class].repeat(len(names)),
                 protocol,
                 **curve_options,
             )
-            curves = scores[protocol.score]
-            aucs = area_under_curve(curves.numpy(), x, protocol.auc)
+            aucs = area_under_curve(scores[protocol.score].numpy(), x, protocol.auc)
+            for position, name in enumerate(names):
+                part = slice(position * len(indices), (position + 1) * len(indices))
+                curves[name, protocol.name] = (
+                    {score: values[part] for score, values in scores.items()},
+                    aucs[part],
+                )
+    for name in methods:
+        for protocol in protocols:
+            target = classes[protocol.map_class]
+            scores, aucs = curves[name, protocol.name]
             for row in range(len(indices)):
                 extra = {s: scores[s][row].tolist() for s in protocol.extra_scores}
                 records.append(
@@ -166,12 +184,12 @@ def _evaluate_batch(
                         protocol.name,
                         target,
                         auc=float(aucs[row]),
-                        curve=curves[row].tolist(),
+                        curve=scores[protocol.score][row].tolist(),
                         **({"extra_curves": extra} if extra else {}),
                     )
                 )
         if masks is not None:
-            scores = localisation(maps["label"], masks)
+            scores = localisation(maps[name]["label"], masks)
             for row in range(len(indices)):
                 values = {metric: float(value[row]) for metric, value in scores.items()}
                 records.append(record(row, name, LOCALISATION, labels, localisation=values))
