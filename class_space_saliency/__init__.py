@@ -2,7 +2,9 @@
 
 Example:
     >>> from class_space_saliency import ClassSpaceSaliency
-    >>> maps = ClassSpaceSaliency(model).attribute(images, target=labels)  # (B, 1, h, w)
+    >>> maps = ClassSpaceSaliency(model).attribute(images, target=labels)
+    >>> maps.shape  # (B, 1, h, w): one map per image on the 4x4 patch grid
+    torch.Size([3, 1, 4, 4])
 """
 
 from .adapters import UnsupportedModelError
