@@ -149,8 +149,8 @@ def test_resume_after_interruption_equals_uninterrupted(model, data, reference, 
 def test_cut_short_last_line_is_repaired(model, data, reference, tmp_path):
     run(model, data, methods_for(model), tmp_path)
     shard = tmp_path / "results.rank0.jsonl"
-    data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) - 40])  # killed while writing the last record
+    written = shard.read_bytes()
+    shard.write_bytes(written[: len(written) - 40])  # killed while writing the last record
     assert len(load_records(tmp_path)) == 7 * 2 * 6 - 1
     methods = methods_for(model)
     run(model, data, methods, tmp_path)
