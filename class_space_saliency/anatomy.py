@@ -325,9 +325,11 @@ class ViTAnatomy:
             A :class:`Capture`, filled by the forward pass run inside the context.
 
         Example:
+            >>> anatomy = ViTAnatomy.from_model(model)
             >>> with anatomy.capture([("residual", -1)]) as cap:
             ...     cap.output = model(images)
             >>> cap.tokens[("residual", anatomy.depth - 1)].shape  # (B, N, D)
+            torch.Size([3, 17, 32])
         """
         with _hooks.capture(self, components, attention, reduce) as result:
             yield result

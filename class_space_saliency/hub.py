@@ -30,7 +30,8 @@ def load_hf(name: str, device: str | torch.device = "cpu"):
         RuntimeError: If the model cannot be fetched (offline, unknown id).
 
     Example:
-        >>> model, prep = load_hf("facebook/deit-tiny-patch16-224")
+        >>> # (skipped: downloads the model from the Hugging Face hub)
+        >>> model, prep = load_hf("facebook/deit-tiny-patch16-224")  # doctest: +SKIP
     """
     from .models import Preprocessing
 
@@ -89,7 +90,9 @@ def load_open_clip(
         RuntimeError: If the weights cannot be fetched or read.
 
     Example:
-        >>> model, prep = load_open_clip("ViT-B-32:openai", ["a photo of a cat", "a dog"])
+        >>> # (skipped: downloads OpenAI's CLIP weights)
+        >>> model, prep = load_open_clip(  # doctest: +SKIP
+        ...     "ViT-B-32:openai", ["a photo of a cat", "a dog"])
     """
     from .clip import zero_shot_clip
     from .models import Preprocessing

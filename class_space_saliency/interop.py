@@ -42,9 +42,12 @@ def explain_func(
     Example:
         >>> import quantus
         >>> metric = quantus.RelevanceMassAccuracy(disable_warnings=True)
-        >>> scores = metric(model=model, x_batch=x, y_batch=y, s_batch=masks,
+        >>> scores = metric(model=model, x_batch=images.numpy(), y_batch=labels.numpy(),
+        ...                 a_batch=None, s_batch=masks.float().numpy(),
         ...                 explain_func=explain_func,
         ...                 explain_func_kwargs={"method": "class_space", "layer": -1})
+        >>> len(scores)
+        3
     """
     if hasattr(model, "get_model") and not isinstance(model, nn.Module):
         model = model.get_model()

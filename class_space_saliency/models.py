@@ -82,8 +82,10 @@ class Preprocessing:
         the model sees after preprocessing (the whole image unless a centre crop is used).
 
         Example:
-            >>> prep.crop_box(640, 480)  # timm, 224 input, crop_pct 0.875
-            (48.0, 0.0, 592.0, 480.0)
+            >>> prep = Preprocessing((0.5,) * 3, (0.5,) * 3, (3, 224, 224),
+            ...                      transform=lambda image: image, crop_pct=0.875)  # timm's
+            >>> prep.crop_box(640, 480)  # shorter side to 256, then the centre 224 x 224
+            (110.0, 30.0, 530.0, 450.0)
         """
         if self.transform is None or self.crop_pct is None:
             return (0.0, 0.0, float(width), float(height))
@@ -227,8 +229,12 @@ def load_model(
             ``weights`` file was given.
 
     Example:
-        >>> model, prep = load_model("vit_small_patch16_224", weights="pets.pth",
-        ...                          class_names="pets.txt")  # a 37-class fine-tune
+        >>> import timm
+        >>> pets = timm.create_model("vit_tiny_patch16_224", num_classes=37)  # a fine-tune
+        >>> torch.save(pets.state_dict(), "pets.pth")
+        >>> model, prep = load_model("vit_tiny_patch16_224", weights="pets.pth")
+        >>> model.num_classes, prep.input_size
+        (37, (3, 224, 224))
     """
     if isinstance(class_names, (str, Path)):
         class_names = read_class_names(class_names)

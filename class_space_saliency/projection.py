@@ -170,7 +170,8 @@ def class_identifiability(
 
     Example:
         >>> result = class_identifiability(model, images, labels)
-        >>> print(result)
+        >>> result.layers, result.token_rate.shape  # one value per block
+        ([0, 1, 2], torch.Size([3]))
     """
     anatomy = model if isinstance(model, ViTAnatomy) else ViTAnatomy.from_model(model)
     check_inputs(inputs, anatomy)

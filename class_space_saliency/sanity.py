@@ -70,8 +70,13 @@ def randomization_cascade(model: nn.Module, seed: int = 0) -> Iterator[tuple[str
         ``(step name, the copy in its randomised state)``.
 
     Example:
-        >>> for step, randomized in randomization_cascade(model):
-        ...     print(step, randomized(images).argmax(-1))
+        >>> for step, randomized in randomization_cascade(model):  # a ViT with 3 blocks
+        ...     print(step, randomized(images).shape)
+        original torch.Size([3, 7])
+        head torch.Size([3, 7])
+        layer 2 torch.Size([3, 7])
+        layer 1 torch.Size([3, 7])
+        layer 0 torch.Size([3, 7])
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
@@ -225,7 +230,8 @@ def cascading_randomization(
 
     Example:
         >>> result = cascading_randomization(model, images, labels, ["class_space", "sobel"])
-        >>> print(result)
+        >>> result.steps, result.spearman.shape  # (steps, methods)
+        (['original', 'head', 'layer 2', 'layer 1', 'layer 0'], torch.Size([5, 2]))
     """
     names = [methods] if isinstance(methods, str) else list(methods)
     if not all(isinstance(name, str) for name in names):

@@ -137,7 +137,11 @@ def overlay(
         uint8 RGB array (H, W, 3).
 
     Example:
-        >>> rgb = overlay(photo, maps[0], box=preprocessing.crop_box(*photo.size))
+        >>> photo = np.zeros((30, 40, 3), np.uint8)  # 40x30 pixels
+        >>> maps = torch.rand(1, 1, 4, 4)
+        >>> rgb = overlay(photo, maps[0], box=(5, 0, 35, 30))  # box: Preprocessing.crop_box
+        >>> rgb.shape, rgb.dtype
+        ((30, 40, 3), dtype('uint8'))
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -221,7 +225,10 @@ def overlay_figure(
         A matplotlib ``Figure`` (shown inline in Jupyter).
 
     Example:
-        >>> overlay_figure(photo, maps[0], box=preprocessing.crop_box(*photo.size))
+        >>> photo, maps = np.zeros((30, 40, 3), np.uint8), torch.rand(1, 1, 4, 4)
+        >>> figure = overlay_figure(photo, maps[0], box=(5, 0, 35, 30))
+        >>> len(figure.axes)  # the overlay and its colour bar
+        2
     """
     import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable

@@ -1,156 +1,100 @@
-"""Tiny random-init ViTs of every supported family, and plain-torch reference forwards."""
+"""Fixtures: tiny models built once per session and handed out read-only.
+
+The factories and reference computations live in ``class_space_saliency.testing``; this file
+only caches models. A test that changes its model (training mode, frozen parameters, new
+weights) must change a ``copy.deepcopy`` of it: after every test, each shared model it was
+given is checked against the snapshot taken when the model was built.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
-import timm
 import torch
-import torchvision
 from torch import nn
+
+from class_space_saliency import testing
 
 # Tiny models gain nothing from threads, and competing OpenMP threads slow them badly.
 torch.set_num_threads(1)
 
-NUM_CLASSES = 7
-TINY = dict(
-    pretrained=False,
-    img_size=32,
-    patch_size=8,
-    num_classes=NUM_CLASSES,
-    depth=3,
-    embed_dim=32,
-    num_heads=2,
-)
+
+class SharedModels:
+    """Models built once per session by the factories of ``class_space_saliency.testing``."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple[str, str], tuple[nn.Module | tuple, dict]] = {}
+
+    def get(self, factory: Callable[[str], nn.Module | tuple], kind: str) -> nn.Module | tuple:
+        """The session's ``factory(kind)`` (built on first use)."""
+        key = (factory.__name__, kind)
+        if key not in self._built:
+            model = factory(kind)
+            self._built[key] = (model, testing.model_state(_module(model)))
+        return self._built[key][0]
+
+    def assert_unchanged(self, keys: set[tuple[str, str]] | None = None) -> None:
+        """Every shared model (or those of ``keys``) is as it was built."""
+        for key, (model, state) in self._built.items():
+            if keys is None or key in keys:
+                testing.assert_state_unchanged(_module(model), state)
 
 
-def _eval(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    for p in model.parameters():  # non-trivial weights everywhere (also LayerNorm / biases)
-        with torch.no_grad():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+def _module(model: nn.Module | tuple) -> nn.Module:
+    """``tiny_clip`` gives (clip, classifier): the classifier holds the whole CLIP."""
+    return model[1] if isinstance(model, tuple) else model
 
 
-def make_model(family: str) -> nn.Module:
-    """A tiny random ViT of one supported family (eval mode)."""
-    torch.manual_seed(0)
-    if family == "plain":
-        return _eval(timm.create_model("vit_tiny_patch16_224", init_values=0.5, **TINY))
-    if family == "distilled":
-        return _eval(timm.create_model("deit_tiny_distilled_patch16_224", **TINY))
-    if family == "registers":
-        return _eval(timm.create_model("vit_tiny_patch16_224", reg_tokens=4, **TINY))
-    if family == "avgpool":
-        kwargs = dict(TINY, global_pool="avg", class_token=False, fc_norm=True)
-        return _eval(timm.create_model("vit_tiny_patch16_224", **kwargs))
-    if family == "dynamic":
-        kwargs = dict(TINY, dynamic_img_size=True, patch_size=4)
-        return _eval(timm.create_model("vit_tiny_patch16_224", **kwargs))
-    if family == "torchvision":
-        torch.manual_seed(0)
-        model = torchvision.models.VisionTransformer(
-            image_size=32,
-            patch_size=8,
-            num_layers=3,
-            num_heads=2,
-            hidden_dim=32,
-            mlp_dim=64,
-            num_classes=NUM_CLASSES,
-        )
-        return _eval(model)
-    raise ValueError(family)
+@pytest.fixture(scope="session")
+def shared_models() -> Iterator[SharedModels]:
+    """The session's model cache; checks at the end that no test changed a model."""
+    models = SharedModels()
+    yield models
+    models.assert_unchanged()
 
 
-FAMILIES = ["plain", "distilled", "registers", "avgpool", "dynamic", "torchvision"]
+def _getter(
+    shared_models: SharedModels, factory: Callable[[str], nn.Module | tuple], default: str
+) -> Iterator[Callable[..., nn.Module | tuple]]:
+    """Yields ``get(kind=default)``; afterwards checks the models it handed out."""
+    used: set[tuple[str, str]] = set()
+
+    def get(kind: str = default) -> nn.Module | tuple:
+        used.add((factory.__name__, kind))
+        return shared_models.get(factory, kind)
+
+    yield get
+    shared_models.assert_unchanged(used)
 
 
-def input_for(family: str, batch: int = 3, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    size = (24, 40) if family == "dynamic" else (32, 32)  # non-square for dynamic models
-    return torch.randn(batch, 3, *size, generator=generator)
+@pytest.fixture
+def tiny_vit(shared_models: SharedModels) -> Iterator[Callable[..., nn.Module]]:
+    """``tiny_vit(family="plain")``: the shared ``testing.tiny_vit``; must not be changed."""
+    yield from _getter(shared_models, testing.tiny_vit, "plain")
 
 
-@torch.no_grad()
-def reference_states(model: nn.Module, images: torch.Tensor) -> dict:
-    """Token states of every block, recomputed by hand from the model's submodules.
-
-    Returns ``{"residual": [...], "attention": [...], "mlp": [...], "attn_probs": [...]}``
-    (lists over blocks of (B, N, D) / (B, heads, N, N)) and ``"logits"`` (the output).
-    """
-    states = {"residual": [], "attention": [], "mlp": [], "attn_probs": []}
-    if isinstance(model, torchvision.models.VisionTransformer):
-        x = model._process_input(images)
-        x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], 1)
-        x = x + model.encoder.pos_embedding
-        for layer in model.encoder.layers:
-            mha = layer.self_attention
-            h = layer.ln_1(x)
-            attn, probs = mha(h, h, h, need_weights=True, average_attn_weights=False)
-            x = x + attn
-            mlp = layer.mlp(layer.ln_2(x))
-            x = x + mlp
-            for key, value in zip(states, (x, attn, mlp, probs), strict=True):
-                states[key].append(value)
-        states["logits"] = model(images)
-        return states
-    x = model.patch_embed(images)
-    x = model._pos_embed(x)
-    x = model.norm_pre(x)
-    for block in model.blocks:
-        a = block.attn
-        h = block.norm1(x)
-        b, n, d = h.shape
-        qkv = a.qkv(h).reshape(b, n, 3, a.num_heads, d // a.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        probs = ((q * a.scale) @ k.transpose(-2, -1)).softmax(-1)
-        attn = block.ls1(a.proj((probs @ v).transpose(1, 2).reshape(b, n, d)))
-        x = x + attn
-        mlp = block.ls2(block.mlp(block.norm2(x)))
-        x = x + mlp
-        for key, value in zip(states, (x, attn, mlp, probs), strict=True):
-            states[key].append(value)
-    states["logits"] = model(images)
-    return states
+@pytest.fixture
+def tiny_hf_vit(shared_models: SharedModels) -> Iterator[Callable[..., nn.Module]]:
+    """``tiny_hf_vit(family="vit")``: the shared ``testing.tiny_hf_vit``; must not be changed."""
+    pytest.importorskip("transformers")
+    yield from _getter(shared_models, testing.tiny_hf_vit, "vit")
 
 
-def reference_project(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """head(norm(tokens)) by hand: timm norm -> fc_norm -> head(s) averaged; torchvision ln."""
-    if isinstance(model, torchvision.models.VisionTransformer):
-        return model.heads(model.encoder.ln(tokens))
-    normed = model.fc_norm(model.norm(tokens))
-    if hasattr(model, "head_dist"):
-        return (model.head(normed) + model.head_dist(normed)) / 2
-    return model.head(normed)
+@pytest.fixture
+def tiny_swin(shared_models: SharedModels) -> Iterator[Callable[..., nn.Module]]:
+    """``tiny_swin(library="timm")``: the shared ``testing.tiny_swin``; must not be changed."""
+    yield from _getter(shared_models, testing.tiny_swin, "timm")
 
 
-def prefix_of(model: nn.Module) -> int:
-    return 1 if isinstance(model, torchvision.models.VisionTransformer) else model.num_prefix_tokens
+@pytest.fixture
+def tiny_clip(shared_models: SharedModels) -> Iterator[Callable[..., tuple]]:
+    """``tiny_clip(pool="tok")``: the shared ``(clip, classifier)``; must not be changed."""
+    pytest.importorskip("open_clip")
+    yield from _getter(shared_models, testing.tiny_clip, "tok")
 
 
-@pytest.fixture(params=FAMILIES)
-def family(request) -> str:
+@pytest.fixture(params=testing.VIT_FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    """Every timm / torchvision ViT family of ``testing.tiny_vit``."""
     return request.param
-
-
-def model_state(model: nn.Module) -> dict:
-    """Everything a method must leave untouched."""
-    return dict(
-        training=[m.training for m in model.modules()],
-        requires_grad=[p.requires_grad for p in model.parameters()],
-        grads=[p.grad for p in model.parameters()],
-        fused=[getattr(m, "fused_attn", None) for m in model.modules()],
-        params=[p.detach().clone() for p in model.parameters()],
-        hooks=[
-            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-            for m in model.modules()
-        ],
-    )
-
-
-def assert_state_unchanged(model: nn.Module, before: dict) -> None:
-    after = model_state(model)
-    for key in ("training", "requires_grad", "fused", "hooks"):
-        assert after[key] == before[key], key
-    assert all(g is None for g in after["grads"])
-    for p_before, p_after in zip(before["params"], after["params"], strict=True):
-        assert torch.equal(p_before, p_after)

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
-from captum.attr import LayerGradCam
-from conftest import (
-    FAMILIES,
-    NUM_CLASSES,
-    assert_state_unchanged,
-    input_for,
-    make_model,
-    model_state,
-    prefix_of,
-    reference_states,
-)
 from torch import nn
 
 from class_space_saliency import (
@@ -32,18 +23,23 @@ from class_space_saliency.methods import METHODS, create_method, list_methods
 from class_space_saliency.methods.chefer import gradient_weighted_rollout
 from class_space_saliency.methods.controls import pool_to_grid
 from class_space_saliency.methods.rollout import attention_rollout
+from class_space_saliency.testing import (
+    NUM_CLASSES,
+    VIT_FAMILIES,
+    assert_state_unchanged,
+    captum_gradcam_on_tokens,
+    chefer_by_hand,
+    gradcam_by_hand,
+    model_state,
+    num_prefix_tokens_of,
+    rollout_by_hand,
+    sobel_by_hand,
+    tiny_images,
+    token_states,
+)
 
-TIMM_FAMILIES = [f for f in FAMILIES if f != "torchvision"]
+TIMM_FAMILIES = [f for f in VIT_FAMILIES if f != "torchvision"]
 TARGET = torch.tensor([0, 4, 6])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight a busy machine for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def grid_of(model, images):
@@ -55,28 +51,6 @@ def as_maps(rows, grid):
     return rows.reshape(rows.shape[0], 1, *grid)
 
 
-# ---------------------------------------------------------------------------- manual timm forward
-def embed(model, images):
-    return model.norm_pre(model._pos_embed(model.patch_embed(images)))
-
-
-def block_forward(block, x, normed=None):
-    """One timm block by hand; returns (output, attention probabilities)."""
-    a = block.attn
-    h = block.norm1(x) if normed is None else normed
-    b, n, d = h.shape
-    qkv = a.qkv(h).reshape(b, n, 3, a.num_heads, d // a.num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    probs = ((q * a.scale) @ k.transpose(-2, -1)).softmax(-1)
-    x = x + block.ls1(a.proj((probs @ v).transpose(1, 2).reshape(b, n, d)))
-    x = x + block.ls2(block.mlp(block.norm2(x)))
-    return x, probs
-
-
-def head_of(model, x):
-    return model.forward_head(model.norm(x))
-
-
 def image_row(matrix, prefix, distilled=False):
     """[CLS] row at image columns (DeiT distilled: mean of the [CLS] and distillation rows,
     whose heads are averaged); no [CLS]: mean over the (image) query rows."""
@@ -85,34 +59,25 @@ def image_row(matrix, prefix, distilled=False):
     return matrix[:, 0, prefix:] if prefix else matrix[:, prefix:, prefix:].mean(1)
 
 
+@torch.no_grad()
+def attention_probs(model, images):
+    return token_states(model, images)["attn_probs"]
+
+
 # ---------------------------------------------------------------------------- rollout / raw
 def reference_rollout(probs, fusion="mean", discard=0.0, prefix=1, distilled=False):
-    """Per example, per block: fuse, discard by sorting, +I, normalise rows, multiply."""
-    batch, n = probs[0].shape[0], probs[0].shape[-1]
-    rows = []
-    for i in range(batch):
-        rolled = torch.eye(n)
-        for p in probs:
-            heads = p[i]
-            fused = {"mean": heads.mean(0), "max": heads.max(0).values, "min": heads.min(0).values}
-            flat = fused[fusion].flatten().clone()
-            first = 1 if prefix else 0
-            order = sorted(range(first, n * n), key=lambda j, flat=flat: flat[j].item())
-            for j in order[: int(discard * (n * n - first))]:
-                flat[j] = 0.0
-            a = flat.reshape(n, n) + torch.eye(n)
-            a = a / a.sum(1).unsqueeze(1)
-            rolled = a @ rolled
-        rows.append(image_row(rolled[None], prefix, distilled)[0])
-    return torch.stack(rows)
+    """The image row of the rollout, which keeps entry (0, 0) only when there is a [CLS]."""
+    return image_row(
+        rollout_by_hand(probs, fusion, discard, keep_first=prefix > 0), prefix, distilled
+    )
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_rollout_matches_reference(family):
-    model = make_model(family)
-    images = input_for(family)
-    probs = reference_states(model, images)["attn_probs"]
-    rollout = reference_rollout(probs, prefix=prefix_of(model), distilled=family == "distilled")
+def test_rollout_matches_reference(tiny_vit, family):
+    model = tiny_vit(family)
+    images = tiny_images(family)
+    probs = attention_probs(model, images)
+    prefix = num_prefix_tokens_of(model)
+    rollout = reference_rollout(probs, prefix=prefix, distilled=family == "distilled")
     want = as_maps(rollout, grid_of(model, images))
     got = AttentionRollout(model).attribute(images)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
@@ -129,11 +94,12 @@ def test_rollout_matches_reference(family):
         ("torchvision", "max", 0.6, 1),
     ],
 )
-def test_rollout_options_match_reference(family, fusion, discard, start):
-    model = make_model(family)
-    images = input_for(family)
-    probs = reference_states(model, images)["attn_probs"][start:]
-    want = reference_rollout(probs, fusion, discard, prefix_of(model), family == "distilled")
+def test_rollout_options_match_reference(tiny_vit, family, fusion, discard, start):
+    model = tiny_vit(family)
+    images = tiny_images(family)
+    probs = attention_probs(model, images)[start:]
+    prefix = num_prefix_tokens_of(model)
+    want = reference_rollout(probs, fusion, discard, prefix, family == "distilled")
     want = as_maps(want, grid_of(model, images))
     got = AttentionRollout(model, head_fusion=fusion, discard_ratio=discard, start_layer=start)
     torch.testing.assert_close(got.attribute(images), want, rtol=1e-4, atol=1e-6)
@@ -183,21 +149,20 @@ def test_discard_ratio_on_a_hand_made_pattern():
     torch.testing.assert_close(got[0], want / want.sum(-1, keepdim=True))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_raw_attention_matches_reference(family):
-    model = make_model(family)
-    images = input_for(family)
-    probs = reference_states(model, images)["attn_probs"]
+def test_raw_attention_matches_reference(tiny_vit, family):
+    model = tiny_vit(family)
+    images = tiny_images(family)
+    probs = attention_probs(model, images)
     grid = grid_of(model, images)
     for layer in (-1, 0):
-        want = image_row(probs[layer].mean(1), prefix_of(model), family == "distilled")
+        want = image_row(probs[layer].mean(1), num_prefix_tokens_of(model), family == "distilled")
         want = as_maps(want, grid)
         got = RawAttention(model, layer=layer).attribute(images)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_rollout_option_errors():
-    model = make_model("plain")
+def test_rollout_option_errors(tiny_vit):
+    model = tiny_vit("plain")
     with pytest.raises(ValueError, match="head_fusion"):
         AttentionRollout(model, head_fusion="median")
     with pytest.raises(ValueError, match="discard_ratio"):
@@ -207,31 +172,25 @@ def test_rollout_option_errors():
     with pytest.raises(TypeError, match="start_layer"):
         AttentionRollout(model, start_layer="all")
     with pytest.raises(ValueError, match="discard_ratio"):
-        AttentionRollout(model).attribute(input_for("plain"), discard_ratio=-0.1)
+        AttentionRollout(model).attribute(tiny_images("plain"), discard_ratio=-0.1)
 
 
 # ---------------------------------------------------------------------------- Chefer
 def reference_chefer(model, images, target):
     """Manual forward with every block's probabilities on the graph; R <- R + Ā R."""
-    x = embed(model, images)
-    probs = []
-    for block in model.blocks:
-        x, p = block_forward(block, x)
-        probs.append(p)
-    logits = head_of(model, x)
+    states = token_states(model, images)
+    logits = model.forward_head(model.norm(states["residual"][-1]))
+    probs = states["attn_probs"]
     grads = torch.autograd.grad(logits[torch.arange(len(target)), target].sum(), probs)
-    n = probs[0].shape[-1]
-    relevance = torch.eye(n).repeat(len(target), 1, 1)
-    for p, g in zip(probs, grads, strict=True):
-        relevance = relevance + (g * p).clamp(min=0).mean(1) @ relevance
+    relevance = chefer_by_hand(probs, grads)
     distilled = hasattr(model, "head_dist")
     return image_row(relevance, model.num_prefix_tokens, distilled).detach()
 
 
 @pytest.mark.parametrize("family", TIMM_FAMILIES)
-def test_chefer_matches_reference(family):
-    model = make_model(family)
-    images = input_for(family)
+def test_chefer_matches_reference(tiny_vit, family):
+    model = tiny_vit(family)
+    images = tiny_images(family)
     want = as_maps(reference_chefer(model, images, TARGET), grid_of(model, images))
     got = CheferRollout(model).attribute(images, TARGET)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
@@ -244,45 +203,25 @@ def test_chefer_with_zero_gradients_is_identity():
     assert torch.equal(gradient_weighted_rollout(attentions, zeros), torch.eye(5).expand(2, 5, 5))
 
 
-def test_chefer_rejects_torchvision():
+def test_chefer_rejects_torchvision(tiny_vit):
     with pytest.raises(TypeError, match="CheferRollout needs differentiable attention"):
-        CheferRollout(make_model("torchvision"))
+        CheferRollout(tiny_vit("torchvision"))
 
 
 # ---------------------------------------------------------------------------- Grad-CAM
 def reference_gradcam(model, images, target, block_index=-1, relu=True):
     """Plain torch: the chosen block's norm1 output as a leaf, the rest of the model by hand."""
-    block_index %= len(model.blocks)
-    prefix = model.num_prefix_tokens
-    x = embed(model, images)
-    for i, block in enumerate(model.blocks):
-        if i == block_index:
-            leaf = block.norm1(x).detach().requires_grad_(True)
-            x, _ = block_forward(block, x, leaf)
-        else:
-            x, _ = block_forward(block, x)
-    logits = head_of(model, x)
+    states = token_states(model, images, leaf_block=block_index % len(model.blocks))
+    logits = model.forward_head(model.norm(states["residual"][-1]))
+    (leaf,) = states["leaf"]
     (grad,) = torch.autograd.grad(logits[torch.arange(len(target)), target].sum(), leaf)
-    weights = grad[:, prefix:].mean(1, keepdim=True)  # (B, 1, D): mean over the grid
-    cam = (weights * leaf[:, prefix:]).sum(-1)
-    return (cam.clamp(min=0) if relu else cam).detach()
+    return gradcam_by_hand(leaf, grad, model.num_prefix_tokens, relu)
 
 
 def captum_on_reshaped_tokens(model, images, target, layer, relu=True):
     """Captum's LayerGradCam on a probe that sees the layer's image tokens as (B, D, h, w)."""
-    prefix, grid = prefix_of(model), grid_of(model, images)
-    probe = nn.Identity()
-
-    def reshape(module, args, out):
-        b, n, d = out.shape
-        image = probe(out[:, prefix:].permute(0, 2, 1).reshape(b, d, *grid))
-        return torch.cat([out[:, :prefix], image.reshape(b, d, n - prefix).permute(0, 2, 1)], 1)
-
-    handle = layer.register_forward_hook(reshape)
-    try:
-        return LayerGradCam(model, probe).attribute(images, target, relu_attributions=relu)
-    finally:
-        handle.remove()
+    prefix, grid = num_prefix_tokens_of(model), grid_of(model, images)
+    return captum_gradcam_on_tokens(model, layer, images, target, prefix, grid, relu)
 
 
 def default_layer(model, block=-1):
@@ -292,18 +231,18 @@ def default_layer(model, block=-1):
 
 
 @pytest.mark.parametrize("family", TIMM_FAMILIES)
-def test_gradcam_matches_plain_torch_reference(family):
-    model = make_model(family)
-    images = input_for(family)
+def test_gradcam_matches_plain_torch_reference(tiny_vit, family):
+    model = tiny_vit(family)
+    images = tiny_images(family)
     want = as_maps(reference_gradcam(model, images, TARGET), grid_of(model, images))
     got = GradCAM(model).attribute(images, TARGET)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert got.abs().sum() > 0
 
 
-def test_gradcam_block_index_and_sign():
-    model = make_model("plain")
-    images = input_for("plain")
+def test_gradcam_block_index_and_sign(tiny_vit):
+    model = tiny_vit("plain")
+    images = tiny_images("plain")
     grid = grid_of(model, images)
     want = as_maps(reference_gradcam(model, images, TARGET, block_index=0, relu=False), grid)
     got = GradCAM(model, layer=0, relu=False).attribute(images, TARGET)
@@ -314,10 +253,9 @@ def test_gradcam_block_index_and_sign():
     torch.testing.assert_close(GradCAM(model, layer=0).attribute(images, TARGET, relu=False), got)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gradcam_equals_captum_layergradcam_on_reshaped_tokens(family):
-    model = make_model(family)
-    images = input_for(family)
+def test_gradcam_equals_captum_layergradcam_on_reshaped_tokens(tiny_vit, family):
+    model = tiny_vit(family)
+    images = tiny_images(family)
     for block, relu in ((-1, True), (1, False)):
         layer = default_layer(model, block)
         want = captum_on_reshaped_tokens(model, images, TARGET, layer, relu)
@@ -327,8 +265,8 @@ def test_gradcam_equals_captum_layergradcam_on_reshaped_tokens(family):
     assert GradCAM(model).layer is default_layer(model)
 
 
-def test_gradcam_gradient_stops_at_the_layer():
-    model = make_model("plain")
+def test_gradcam_gradient_stops_at_the_layer(tiny_vit):
+    model = tiny_vit("plain")
     reached = []
 
     def watch(module, args, out):
@@ -337,30 +275,30 @@ def test_gradcam_gradient_stops_at_the_layer():
 
     handle = model.blocks[0].register_forward_hook(watch)
     try:
-        maps = GradCAM(model).attribute(input_for("plain"), TARGET)
+        maps = GradCAM(model).attribute(tiny_images("plain"), TARGET)
     finally:
         handle.remove()
     assert maps.abs().sum() > 0 and not reached
 
 
-def test_gradcam_layer_errors():
-    model = make_model("plain")
+def test_gradcam_layer_errors(tiny_vit):
+    model = tiny_vit("plain")
     before = model_state(model)
     with pytest.raises(ValueError, match="not a submodule"):
         GradCAM(model, layer=nn.LayerNorm(32))
     with pytest.raises(TypeError, match=r"block index or an nn\.Module"):
         GradCAM(model, layer="blocks.2")
     with pytest.raises(TypeError, match=r"tokens \(B, N, D\)"):
-        GradCAM(model, layer=model.patch_embed.proj).attribute(input_for("plain"), 1)
+        GradCAM(model, layer=model.patch_embed.proj).attribute(tiny_images("plain"), 1)
     assert_state_unchanged(model, before)  # the hooks came off after the error
 
 
 # ---------------------------------------------------------------------------- batching, state
 @pytest.mark.parametrize("name", ["gradcam", "chefer", "rollout", "raw_attention"])
 @pytest.mark.parametrize("family", ["plain", "registers"])
-def test_batched_per_example_targets_equal_one_by_one(name, family):
-    model = make_model(family)
-    images = input_for(family, batch=4)
+def test_batched_per_example_targets_equal_one_by_one(tiny_vit, name, family):
+    model = tiny_vit(family)
+    images = tiny_images(family, batch=4)
     target = [6, 0, 2, 2]
     explainer = create_method(name, model)
     batched = explainer.attribute(images, target=target)
@@ -373,23 +311,23 @@ def test_batched_per_example_targets_equal_one_by_one(name, family):
 
 
 @pytest.mark.parametrize("name", list_methods(variants=False))
-def test_model_state_untouched(name):
-    model = make_model("plain")
+def test_model_state_untouched(tiny_vit, name):
+    model = copy.deepcopy(tiny_vit("plain"))
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = True
     model.train()
     before = model_state(model)
-    maps = create_method(name, model).attribute(input_for("plain"), target=[1, 2, 3])
+    maps = create_method(name, model).attribute(tiny_images("plain"), target=[1, 2, 3])
     assert maps.shape == (3, 1, 4, 4) and maps.dtype == torch.float32 and not maps.requires_grad
     assert_state_unchanged(model, before)
     assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
 
 
 @pytest.mark.parametrize("name", ["gradcam", "chefer"])
-def test_gradient_methods_work_with_frozen_parameters(name):
-    model = make_model("distilled")
-    images = input_for("distilled")
+def test_gradient_methods_work_with_frozen_parameters(tiny_vit, name):
+    model = copy.deepcopy(tiny_vit("distilled"))
+    images = tiny_images("distilled")
     want = create_method(name, model).attribute(images, TARGET)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -398,17 +336,17 @@ def test_gradient_methods_work_with_frozen_parameters(name):
     assert_state_unchanged(model, before)
 
 
-def test_torchvision_gradcam_and_rollout_leave_state_untouched():
-    model = make_model("torchvision").train()
+def test_torchvision_gradcam_and_rollout_leave_state_untouched(tiny_vit):
+    model = copy.deepcopy(tiny_vit("torchvision")).train()
     before = model_state(model)
     for name in ("gradcam", "rollout", "raw_attention"):
-        create_method(name, model).attribute(input_for("torchvision"), target=2)
+        create_method(name, model).attribute(tiny_images("torchvision"), target=2)
     assert_state_unchanged(model, before)
 
 
-def test_registry_cost_and_upsample():
-    model = make_model("dynamic")
-    images = input_for("dynamic", batch=2)
+def test_registry_cost_and_upsample(tiny_vit):
+    model = tiny_vit("dynamic")
+    images = tiny_images("dynamic", batch=2)
     expected = {
         "gradcam": GradCAM,
         "rollout": AttentionRollout,
@@ -434,9 +372,9 @@ def count_forwards(model):
     return calls, handle
 
 
-def test_random_is_seeded_and_reproducible():
-    model = make_model("plain")
-    images = input_for("plain", batch=4)
+def test_random_is_seeded_and_reproducible(tiny_vit):
+    model = tiny_vit("plain")
+    images = tiny_images("plain", batch=4)
     rng = torch.get_rng_state()
     first = RandomSaliency(model, seed=3).attribute(images)
     assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is not used
@@ -453,28 +391,10 @@ def test_random_is_seeded_and_reproducible():
         RandomSaliency(model, seed=0.5)
 
 
-def reference_sobel(images, patch):
-    """Sobel by shifted slices of the border-replicated channel-mean image."""
-    gray = images.mean(1)
-    b, height, width = gray.shape
-    rows = torch.arange(-1, height + 1).clamp(0, height - 1)
-    cols = torch.arange(-1, width + 1).clamp(0, width - 1)
-    padded = gray[:, rows][:, :, cols]
-
-    def at(dy, dx):
-        return padded[:, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
-
-    gx = at(-1, 1) + 2 * at(0, 1) + at(1, 1) - at(-1, -1) - 2 * at(0, -1) - at(1, -1)
-    gy = at(1, -1) + 2 * at(1, 0) + at(1, 1) - at(-1, -1) - 2 * at(-1, 0) - at(-1, 1)
-    magnitude = (gx**2 + gy**2).sqrt()
-    ph, pw = patch
-    return magnitude.reshape(b, height // ph, ph, width // pw, pw).mean((2, 4))[:, None]
-
-
 @pytest.mark.parametrize("family", ["plain", "dynamic", "distilled", "avgpool", "torchvision"])
-def test_sobel_matches_hand_computation_and_ignores_the_model(family):
-    model = make_model(family)
-    images = input_for(family)
+def test_sobel_matches_hand_computation_and_ignores_the_model(tiny_vit, family):
+    model = tiny_vit(family)
+    images = tiny_images(family)
     patch = ViTAnatomy.from_model(model).patch_size
     calls, handle = count_forwards(model)
     try:
@@ -482,8 +402,8 @@ def test_sobel_matches_hand_computation_and_ignores_the_model(family):
     finally:
         handle.remove()
     assert not calls
-    torch.testing.assert_close(got, reference_sobel(images, patch), rtol=1e-5, atol=1e-5)
-    other = make_model("registers" if family == "plain" else "plain")
+    torch.testing.assert_close(got, sobel_by_hand(images, patch), rtol=1e-5, atol=1e-5)
+    other = tiny_vit("registers" if family == "plain" else "plain")
     if family == "plain":
         assert torch.equal(SobelSaliency(other).attribute(images), got)
     # a constant image has no edges (not even at its frame); a vertical step lights up
@@ -496,9 +416,9 @@ def test_sobel_matches_hand_computation_and_ignores_the_model(family):
 
 
 @pytest.mark.parametrize("family", ["plain", "dynamic"])
-def test_intensity_is_the_patch_mean_and_ignores_the_model(family):
-    model = make_model(family)
-    images = input_for(family)
+def test_intensity_is_the_patch_mean_and_ignores_the_model(tiny_vit, family):
+    model = tiny_vit(family)
+    images = tiny_images(family)
     (ph, pw), (h, w) = ViTAnatomy.from_model(model).patch_size, grid_of(model, images)
     calls, handle = count_forwards(model)
     try:

@@ -7,16 +7,17 @@ import torch
 import torch.nn.functional as F
 from captum.attr import NoiseTunnel
 from captum.metrics import infidelity, sensitivity_max
-from conftest import make_model
 
+from class_space_saliency import testing
 from class_space_saliency.methods import METHODS, ClassSpaceSaliency, create_method
+from class_space_saliency.testing import class_space_map_by_hand
 
 TARGETS = [1, 4]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return make_model("plain")
+def model(shared_models):
+    return shared_models.get(testing.tiny_vit, "plain")
 
 
 @pytest.fixture(scope="module")
@@ -89,18 +90,6 @@ def test_input_shaped_rejects_per_layer_maps(model, images):
         ClassSpaceSaliency(model).attribute(images, input_shaped="yes")
 
 
-def _reference_maps(model, images, block, target):
-    """Class-space logit maps of block ``block`` by a hand-written timm forward."""
-    tokens = model.patch_embed(images)
-    cls = model.cls_token.expand(images.shape[0], -1, -1)
-    tokens = torch.cat([cls, tokens], 1) + model.pos_embed
-    for layer in model.blocks[: block + 1]:
-        tokens = layer(tokens)
-    logits = model.head(model.norm(tokens[:, 1:]))  # (B, N, C)
-    scores = logits[torch.arange(images.shape[0]), :, target]
-    return scores.reshape(images.shape[0], 1, 4, 4)
-
-
 @pytest.mark.parametrize("block", [0, 2])
 def test_differentiable_maps_match_autograd_of_plain_torch(model, images, block):
     target = torch.tensor(TARGETS)
@@ -116,7 +105,7 @@ def test_differentiable_maps_match_autograd_of_plain_torch(model, images, block)
     )
 
     x_ref = images.clone().requires_grad_(True)
-    reference = _reference_maps(model, x_ref, block, target)
+    reference = class_space_map_by_hand(model, x_ref, target, block, grid=(4, 4))
     torch.testing.assert_close(maps, reference, rtol=1e-4, atol=1e-5)
     (grad_ref, head_ref) = torch.autograd.grad(
         (reference * weights).sum(), [x_ref, model.head.weight]

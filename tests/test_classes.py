@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import make_model
 from PIL import Image
 
 from class_space_saliency.classes import class_index, imagenet_class_names, read_class_names
@@ -40,8 +39,8 @@ def test_ambiguous_and_unknown_names_give_short_errors():
         class_index(1000, names)
 
 
-def test_explainer_takes_targets_by_name():
-    model = make_model("plain")
+def test_explainer_takes_targets_by_name(tiny_vit):
+    model = tiny_vit("plain")
     names = [f"class {k}" for k in range(6)] + ["Coat"]
     images = torch.randn(2, 3, 32, 32)
     explainer = ClassSpaceSaliency(model, class_names=names)
@@ -90,7 +89,7 @@ def test_read_class_names_errors(tmp_path):
         read_class_names(tmp_path / "empty.txt")
     with pytest.raises(ValueError, match="repeats"):
         read_class_names(tmp_path / "twice.txt")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"missing\.txt does not exist"):
         read_class_names(tmp_path / "missing.txt")
 
 

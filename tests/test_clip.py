@@ -6,39 +6,33 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from captum.attr import LayerGradCam
-from conftest import assert_state_unchanged, model_state
 
 from class_space_saliency import (
     AttentionRollout,
     ClassSpaceSaliency,
     GradCAM,
     RawAttention,
+    SobelSaliency,
     class_identifiability,
 )
 from class_space_saliency.adapters import UnsupportedModelError
 from class_space_saliency.methods import create_method
 from class_space_saliency.models import zero_shot_clip
+from class_space_saliency.testing import (
+    CLIP_PROMPTS,
+    assert_state_unchanged,
+    assert_token_removal_matches,
+    captum_gradcam_on_tokens,
+    model_state,
+    rollout_by_hand,
+    sobel_by_hand,
+    tiny_images,
+)
 
 open_clip = pytest.importorskip("open_clip")
 
-PROMPTS = ["a photo of a cat", "a photo of a dog", "a red car", "a tree"]
+PROMPTS = list(CLIP_PROMPTS)
 TARGET = torch.tensor([0, 3, 2])
-
-
-def make(pool: str = "tok"):
-    torch.manual_seed(0)
-    vision = dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16, pool_type=pool)
-    text = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
-    clip = open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
-    for p in clip.visual.parameters():  # non-trivial norms and biases
-        with torch.no_grad():
-            p.add_(0.05 * torch.randn_like(p))
-    return clip, zero_shot_clip(clip, open_clip.get_tokenizer("ViT-B-32"), PROMPTS)
-
-
-def images_for(batch: int = 3) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 def text_space(clip) -> torch.Tensor:
@@ -47,16 +41,20 @@ def text_space(clip) -> torch.Tensor:
         return F.normalize(clip.encode_text(tokens), dim=-1)
 
 
-def visual_by_hand(clip, images):
-    """Residual states and attention probabilities of the visual tower, block by block."""
+def visual_by_hand(clip, images, keep=None):
+    """Residual states and attention probabilities of the visual tower, block by block;
+    tokens where ``keep`` (B, N) is False are masked out as attention keys."""
     v = clip.visual
     x = v.conv1(images).flatten(2).transpose(1, 2)
     x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], 1) + v.positional_embedding
     x = v.ln_pre(x)
+    padding = None if keep is None else ~keep
     states, probs = [], []
     for block in v.transformer.resblocks:
         h = block.ln_1(x)
-        out, p = block.attn(h, h, h, need_weights=True, average_attn_weights=False)
+        out, p = block.attn(
+            h, h, h, key_padding_mask=padding, need_weights=True, average_attn_weights=False
+        )
         x = x + block.ls_1(out)
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
         states.append(x)
@@ -72,9 +70,9 @@ def cosine_logits(clip, tokens, text):
     )
 
 
-def test_zero_shot_logits_are_scaled_cosines():
-    clip, classifier = make()
-    images = images_for()
+def test_zero_shot_logits_are_scaled_cosines(tiny_clip):
+    clip, classifier = tiny_clip()
+    images = tiny_images()
     with torch.no_grad():
         image = F.normalize(clip.encode_image(images), dim=-1)
         want = clip.logit_scale.exp() * image @ text_space(clip).T
@@ -82,9 +80,9 @@ def test_zero_shot_logits_are_scaled_cosines():
 
 
 @pytest.mark.parametrize("pool", ["tok", "avg"])
-def test_class_space_is_the_text_space(pool):
-    clip, classifier = make(pool)
-    images = images_for()
+def test_class_space_is_the_text_space(tiny_clip, pool):
+    clip, classifier = tiny_clip(pool)
+    images = tiny_images()
     text = text_space(clip)
     with torch.no_grad():
         states, _ = visual_by_hand(clip, images)
@@ -101,16 +99,12 @@ def test_class_space_is_the_text_space(pool):
             torch.testing.assert_close(got[:, block], want, rtol=1e-4, atol=1e-5)
 
 
-def test_attention_maps_and_identifiability():
-    clip, classifier = make()
-    images = images_for()
+def test_attention_maps_and_identifiability(tiny_clip):
+    clip, classifier = tiny_clip()
+    images = tiny_images()
     with torch.no_grad():
         states, probs = visual_by_hand(clip, images)
-    rolled = torch.eye(17)
-    for p in probs:
-        a = p.mean(1) + torch.eye(17)
-        rolled = (a / a.sum(-1, keepdim=True)) @ rolled
-    want = rolled[:, 0, 1:].reshape(3, 1, 4, 4)
+    want = rollout_by_hand(probs)[:, 0, 1:].reshape(3, 1, 4, 4)
     torch.testing.assert_close(
         AttentionRollout(classifier).attribute(images), want, rtol=1e-4, atol=1e-6
     )
@@ -124,25 +118,16 @@ def test_attention_maps_and_identifiability():
     cls_top1 = (last[:, 0].argmax(-1) == TARGET).float().mean() * 100
     torch.testing.assert_close(result.cls_rate[-1], cls_top1)
     # Grad-CAM: Captum's LayerGradCam on the last ln_1's image tokens laid out as a grid
-    layer, probe = clip.visual.transformer.resblocks[-1].ln_1, torch.nn.Identity()
-
-    def reshape(module, args, out):
-        image = probe(out[:, 1:].transpose(1, 2).reshape(3, -1, 4, 4))
-        return torch.cat([out[:, :1], image.flatten(2).transpose(1, 2)], 1)
-
-    handle = layer.register_forward_hook(reshape)
-    try:
-        want = LayerGradCam(classifier, probe).attribute(images, TARGET, relu_attributions=True)
-    finally:
-        handle.remove()
+    layer = clip.visual.transformer.resblocks[-1].ln_1
+    want = captum_gradcam_on_tokens(classifier, layer, images, TARGET, 1, (4, 4))
     torch.testing.assert_close(GradCAM(classifier).attribute(images, TARGET), want)
     for name in ("chefer", "class_space_gradient"):
         with pytest.raises(UnsupportedModelError, match=r"nn\.MultiheadAttention"):
             create_method(name, classifier)
 
 
-def test_zero_shot_clip_validates_its_arguments():
-    clip, _ = make()
+def test_zero_shot_clip_validates_its_arguments(tiny_clip):
+    clip, _ = tiny_clip()
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     with pytest.raises(ValueError, match="at least two"):
         zero_shot_clip(clip, tokenizer, ["a cat"])
@@ -153,54 +138,28 @@ def test_zero_shot_clip_validates_its_arguments():
 
 
 @pytest.mark.parametrize("pool", ["tok", "avg"])
-def test_token_removal_equals_masked_keys(pool):
+def test_token_removal_equals_masked_keys(tiny_clip, pool):
     """Hand-run visual tower with removed tokens masked as keys (and out of the mean)."""
-    import dataclasses
-
-    from class_space_saliency.evaluation.curves import perturbation_curves
-    from class_space_saliency.evaluation.protocols import PROTOCOLS
-
-    clip, classifier = make(pool)
-    images = images_for()
-    saliency = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
-    protocol = dataclasses.replace(PROTOCOLS["vilas2023/positive"], score="logit")
-    _, curves = perturbation_curves(
-        classifier, images, saliency, TARGET, protocol, mean=(0.5,) * 3, std=(0.5,) * 3
-    )
+    clip, classifier = tiny_clip(pool)
+    images = tiny_images()
     text, v = text_space(clip), clip.visual
-    order = saliency.flatten(1).argsort(dim=1, descending=True, stable=True)
-    for step, removed in enumerate(range(1, 16)):
-        keep = torch.ones(3, 17, dtype=torch.bool)
-        keep.scatter_(1, order[:, :removed] + 1, False)
-        with torch.no_grad():
-            x = v.conv1(images).flatten(2).transpose(1, 2)
-            x = torch.cat([v.class_embedding.expand(3, 1, -1), x], 1) + v.positional_embedding
-            x = v.ln_pre(x)
-            for block in v.transformer.resblocks:
-                h = block.ln_1(x)
-                out = block.attn(h, h, h, key_padding_mask=~keep, need_weights=False)[0]
-                x = x + block.ls_1(out)
-                x = x + block.ls_2(block.mlp(block.ln_2(x)))
-            if pool == "tok":
-                logits = cosine_logits(clip, x[:, 0], text)
-            else:
-                kept = keep[:, 1:, None].float()
-                normed = v.ln_post(x[:, 1:])
-                pooled = (normed * kept).sum(1) / kept.sum(1)
-                embedded = F.normalize(pooled @ v.proj, dim=-1)
-                logits = clip.logit_scale.exp() * embedded @ text.T
-        torch.testing.assert_close(
-            curves[:, step], logits[torch.arange(3), TARGET], atol=1e-5, rtol=1e-4
-        )
+
+    def masked_logits(keep: torch.Tensor) -> torch.Tensor:
+        last = visual_by_hand(clip, images, keep)[0][-1]
+        if pool == "tok":
+            return cosine_logits(clip, last[:, 0], text)
+        kept = keep[:, 1:, None].float()
+        pooled = (v.ln_post(last[:, 1:]) * kept).sum(1) / kept.sum(1)
+        return clip.logit_scale.exp() * F.normalize(pooled @ v.proj, dim=-1) @ text.T
+
+    assert_token_removal_matches(classifier, images, TARGET, masked_logits, 1)
 
 
-def test_controls_on_the_patch_grid():
-    from test_swin_and_controls import sobel_by_hand
-
-    from class_space_saliency import SobelSaliency
-
-    images = images_for()
-    torch.testing.assert_close(SobelSaliency(make()[1]).attribute(images), sobel_by_hand(images, 8))
+def test_controls_on_the_patch_grid(tiny_clip):
+    images = tiny_images()
+    torch.testing.assert_close(
+        SobelSaliency(tiny_clip()[1]).attribute(images), sobel_by_hand(images, 8)
+    )
 
 
 def test_load_model_and_cli_take_open_clip_with_prompts(tmp_path):
@@ -228,7 +187,7 @@ def test_load_model_and_cli_take_open_clip_with_prompts(tmp_path):
     )
     assert prep.class_names == tuple(prompts) and prep.input_size == (3, 32, 32)
     reference = zero_shot_clip(clip.eval(), open_clip.get_tokenizer("tiny-css-test"), prompts)
-    images = images_for(2)
+    images = tiny_images(batch=2)
     torch.testing.assert_close(model(images), reference(images))
     with pytest.raises(ValueError, match="prompts"):
         load_model("open_clip:tiny-css-test", weights=tmp_path / "tiny.pt")

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import NUM_CLASSES, TINY, input_for, make_model
 from torch import nn
 
-from class_space_saliency import ClassSpaceSaliency, ViTAnatomy, class_identifiability
+from class_space_saliency import ClassSpaceSaliency, ViTAnatomy, class_identifiability, testing
+from class_space_saliency.testing import NUM_CLASSES, TIMM_TINY, tiny_images
 
 
 @pytest.fixture(scope="module")
-def explainer():
-    return ClassSpaceSaliency(make_model("plain"))
+def explainer(shared_models):
+    return ClassSpaceSaliency(shared_models.get(testing.tiny_vit, "plain"))
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_bad_inputs(explainer, inputs, error, match):
 )
 def test_bad_targets(explainer, target, error, match):
     with pytest.raises(error, match=match):
-        explainer.attribute(input_for("plain"), target=target)
+        explainer.attribute(tiny_images("plain"), target=target)
 
 
 @pytest.mark.parametrize(
@@ -64,18 +64,18 @@ def test_bad_targets(explainer, target, error, match):
 )
 def test_bad_options(explainer, kwargs, error, match):
     with pytest.raises(error, match=match):
-        explainer.attribute(input_for("plain"), target=0, **kwargs)
+        explainer.attribute(tiny_images("plain"), target=0, **kwargs)
 
 
 def test_negative_layer_indices_work(explainer):
-    images = input_for("plain")
+    images = tiny_images("plain")
     torch.testing.assert_close(
         explainer.attribute(images, 1, layer=-3), explainer.attribute(images, 1, layer=0)
     )
 
 
-def test_constructor_validates_options():
-    model = make_model("plain")
+def test_constructor_validates_options(tiny_vit):
+    model = tiny_vit("plain")
     with pytest.raises(ValueError, match="component"):
         ClassSpaceSaliency(model, component="residuals")
     with pytest.raises(ValueError, match="score"):
@@ -88,26 +88,27 @@ def test_unsupported_models():
     with pytest.raises(TypeError, match=r"nn\.Module"):
         ClassSpaceSaliency(lambda x: x)
     with pytest.raises(TypeError, match="attention head"):
-        ClassSpaceSaliency(timm.create_model("vit_tiny_patch16_224", global_pool="map", **TINY))
-    headless = dict(TINY, num_classes=0)
+        ClassSpaceSaliency(
+            timm.create_model("vit_tiny_patch16_224", global_pool="map", **TIMM_TINY)
+        )
+    headless = dict(TIMM_TINY, num_classes=0)
     with pytest.raises(TypeError, match="no classifier head"):
         ClassSpaceSaliency(timm.create_model("vit_tiny_patch16_224", **headless))
 
 
-def test_identifiability_validates_inputs():
-    model = make_model("plain")
+def test_identifiability_validates_inputs(tiny_vit):
+    model = tiny_vit("plain")
     with pytest.raises(ValueError, match="component"):
-        class_identifiability(model, input_for("plain"), 0, component="x")
+        class_identifiability(model, tiny_images("plain"), 0, component="x")
     with pytest.raises(ValueError, match="out of range"):
-        class_identifiability(model, input_for("plain"), [0, 1, 99])
+        class_identifiability(model, tiny_images("plain"), [0, 1, 99])
 
 
 class TinyCustomViT(nn.Module):
     """A ViT whose parts carry other names: described to the library by hand."""
 
-    def __init__(self) -> None:
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
-        base = make_model("plain")
         self.embed, self.layers, self.final, self.classifier = (
             base.patch_embed,
             base.blocks,
@@ -123,8 +124,8 @@ class TinyCustomViT(nn.Module):
         return self.classifier(self.final(self.layers(x))[:, 0])
 
 
-def test_custom_model_overrides_match_the_timm_original():
-    custom = TinyCustomViT().eval()
+def test_custom_model_overrides_match_the_timm_original(tiny_vit):
+    custom = TinyCustomViT(tiny_vit("plain")).eval()
     explainer = ClassSpaceSaliency(
         custom,
         blocks=custom.layers,
@@ -134,7 +135,7 @@ def test_custom_model_overrides_match_the_timm_original():
         patch_size=8,
         img_size=32,
     )
-    images = input_for("plain")
+    images = tiny_images("plain")
     want = ClassSpaceSaliency(custom.base[0], component="mlp").attribute(images, 3)
     torch.testing.assert_close(explainer.attribute(images, 3, component="mlp"), want)
     anatomy = ViTAnatomy.from_model(

@@ -9,13 +9,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
 from torch import nn
 
 from class_space_saliency.evaluation import (
     PRESETS,
     PROTOCOLS,
-    Protocol,
+    PerturbationProtocol,
     area_under_curve,
     perturbation_curves,
     resolve_protocols,
@@ -23,6 +22,7 @@ from class_space_saliency.evaluation import (
 )
 from class_space_saliency.evaluation.curves import baseline_images, check_token_model, curve_x
 from class_space_saliency.evaluation.protocols import protocol_to_dict
+from class_space_saliency.testing import ToyTokenViT, assert_token_removal_matches, tiny_images
 
 MEAN, STD = (0.5,), (0.5,)
 
@@ -39,32 +39,6 @@ class RegionSum(nn.Module):
         pixels = images * STD[0] + MEAN[0]
         total = (pixels * self.region).flatten(1).sum(1)
         return torch.stack([torch.zeros_like(total), (total - self.threshold) * self.scale], -1)
-
-
-class ToyTokenViT(nn.Module):
-    """ViT-shaped toy: token = sum of its 2x2 patch; logit 1 = sum of kept tokens - threshold."""
-
-    num_prefix_tokens = 1
-
-    def __init__(self, threshold: float) -> None:
-        super().__init__()
-        self.threshold = threshold
-        self.patch_embed = nn.Conv2d(1, 1, 2, stride=2, bias=False)
-        nn.init.ones_(self.patch_embed.weight)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, 1))
-        self.blocks = nn.Sequential()
-        self.norm = nn.Identity()
-
-    def _pos_embed(self, patches: torch.Tensor) -> torch.Tensor:
-        tokens = patches.flatten(2).transpose(1, 2)
-        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], 1)
-
-    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        total = tokens[:, 1:, 0].sum(1)
-        return torch.stack([torch.zeros_like(total), total - self.threshold], -1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.norm(self.blocks(self._pos_embed(self.patch_embed(images)))))
 
 
 def curves_of(model, images, maps, targets, protocol, **kwargs):
@@ -300,30 +274,21 @@ def test_vilas_by_hand():
 
 
 @pytest.mark.parametrize("family", ["plain", "distilled", "registers"])
-def test_token_removal_equals_masked_attention(family):
+def test_token_removal_equals_masked_attention(tiny_vit, family):
     # Removing image tokens from the sequence must give the logits of the full sequence
     # with those tokens masked out as attention keys (prefix-token pooling).
-    model = make_model(family)
-    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    saliency = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
-    protocol = PROTOCOLS["vilas2023/positive"]
-    targets = torch.tensor([0, 1, 2])
-    _, curves = curves_of(
-        model, images, saliency, targets, dataclasses.replace(protocol, score="logit")
-    )
+    model = tiny_vit(family)
+    images = tiny_images(family)
     prefix = model.num_prefix_tokens
-    order = saliency.flatten(1).argsort(dim=1, descending=True, stable=True)
-    for step, removed in enumerate(range(1, 16)):
-        keep = torch.ones(3, prefix + 16, dtype=torch.bool)
-        keep.scatter_(1, order[:, :removed] + prefix, False)
-        mask = keep[:, None, None, :].expand(-1, 1, prefix + 16, -1)
-        with torch.no_grad():
-            reference = model(images, attn_mask=mask).gather(1, targets[:, None])[:, 0]
-        torch.testing.assert_close(curves[:, step], reference, atol=1e-5, rtol=1e-4)
+
+    def masked_logits(keep: torch.Tensor) -> torch.Tensor:
+        return model(images, attn_mask=keep[:, None, None, :].expand(-1, 1, prefix + 16, -1))
+
+    assert_token_removal_matches(model, images, torch.tensor([0, 1, 2]), masked_logits, prefix)
 
 
-def test_chunking_does_not_change_curves():
-    model = make_model("plain")
+def test_chunking_does_not_change_curves(tiny_vit):
+    model = tiny_vit("plain")
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     saliency = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     targets = torch.tensor([0, 1, 2])
@@ -345,32 +310,29 @@ def test_token_removal_refuses_unsupported_models():
         )
 
 
-@torch.no_grad()
-def test_token_removal_on_torchvision_equals_masked_keys():
+def test_token_removal_on_torchvision_equals_masked_keys(tiny_vit):
     """Hand-run torchvision encoder with the removed tokens masked as attention keys."""
-    model = make_model("torchvision")
-    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    saliency = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
-    targets = torch.tensor([0, 1, 2])
-    protocol = dataclasses.replace(PROTOCOLS["vilas2023/negative"], score="logit")
-    _, curves = curves_of(model, images, saliency, targets, protocol)
-    order = saliency.flatten(1).argsort(dim=1, stable=True)  # least salient removed first
-    for step, removed in enumerate(range(1, 16)):
-        keep = torch.ones(3, 17, dtype=torch.bool)
-        keep.scatter_(1, order[:, :removed] + 1, False)
+    model = tiny_vit("torchvision")
+    images = tiny_images("torchvision")
+
+    def masked_logits(keep: torch.Tensor) -> torch.Tensor:
         x = model._process_input(images)
         x = torch.cat([model.class_token.expand(3, -1, -1), x], 1) + model.encoder.pos_embedding
         for layer in model.encoder.layers:
             h = layer.ln_1(x)
             x = x + layer.self_attention(h, h, h, key_padding_mask=~keep, need_weights=False)[0]
             x = x + layer.mlp(layer.ln_2(x))
-        want = model.heads(model.encoder.ln(x)[:, 0]).gather(1, targets[:, None])[:, 0]
-        torch.testing.assert_close(curves[:, step], want, atol=1e-5, rtol=1e-4)
+        return model.heads(model.encoder.ln(x)[:, 0])
+
+    targets = torch.tensor([0, 1, 2])
+    assert_token_removal_matches(model, images, targets, masked_logits, 1, "vilas2023/negative")
 
 
 def test_map_shape_is_checked():
     model = RegionSum(left_half(4), threshold=5.5)
-    chefer = Protocol(**protocol_to_dict(PROTOCOLS["chefer2021/positive"]))  # round trip
+    chefer = PerturbationProtocol(
+        **protocol_to_dict(PROTOCOLS["chefer2021/positive"])
+    )  # round trip
     assert chefer == PROTOCOLS["chefer2021/positive"]
     with pytest.raises(ValueError, match=r"\(B, 1, h, w\)"):
         curves_of(model, torch.ones(2, 1, 4, 4), PERFECT, torch.tensor([1, 1]), chefer)

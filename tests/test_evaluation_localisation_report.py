@@ -9,11 +9,8 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from conftest import make_model
-from test_evaluation_runner import NORM, QUICK, tiny_data
 
-from class_space_saliency import ClassSpaceSaliency
+from class_space_saliency import ClassSpaceSaliency, testing
 from class_space_saliency.evaluation import (
     load_config,
     load_records,
@@ -23,20 +20,21 @@ from class_space_saliency.evaluation import (
     write_report,
 )
 from class_space_saliency.evaluation.cli import add_benchmark_command
+from class_space_saliency.testing import box_masks, tiny_benchmark_data
 
 ROAD = ["road2022", "vilas2023/positive"]
+NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+QUICK = dict(batch_size=3, progress=False, n_boot=50)
 
 
-def masks_for(images: torch.Tensor) -> torch.Tensor:
-    masks = torch.zeros(images.shape[0], 1, *images.shape[-2:], dtype=torch.bool)
-    for i in range(images.shape[0]):
-        masks[i, :, 2 + i : 14 + 2 * i, 4 : 20 + i] = True
-    return masks
+@pytest.fixture(scope="module")
+def model(shared_models):
+    return shared_models.get(testing.tiny_vit, "plain")
 
 
-def run(data, out_dir, methods=("class_space", "random"), protocols=ROAD, **kwargs):
+def run(model, data, out_dir, methods=("class_space", "random"), protocols=ROAD, **kwargs):
     return run_benchmark(
-        make_model("plain"),
+        model,
         data,
         list(methods),
         protocols,
@@ -47,19 +45,19 @@ def run(data, out_dir, methods=("class_space", "random"), protocols=ROAD, **kwar
 
 
 @pytest.fixture(scope="module")
-def masked_run(tmp_path_factory):
-    images, labels = tiny_data(5)
+def masked_run(model, tmp_path_factory):
+    images, labels = tiny_benchmark_data(5, model)
     out_dir = tmp_path_factory.mktemp("masked")
-    report = run((images, labels, masks_for(images)), out_dir)
-    return out_dir, report, (images, labels, masks_for(images))
+    report = run(model, (images, labels, box_masks(images)), out_dir)
+    return out_dir, report, (images, labels, box_masks(images))
 
 
-def test_localisation_records_and_report(masked_run):
+def test_localisation_records_and_report(model, masked_run):
     out_dir, report, (images, labels, masks) = masked_run
     records = load_records(out_dir)
     found = [r for r in records if r["protocol"] == "localisation" and r["method"] == "class_space"]
     assert [r["image"] for r in found] == list(range(5))
-    maps = ClassSpaceSaliency(make_model("plain")).attribute(images, target=labels)
+    maps = ClassSpaceSaliency(model).attribute(images, target=labels)
     expected = localisation(maps, masks)  # the label's map
     for metric, values in expected.items():
         assert [r["localisation"][metric] for r in found] == pytest.approx(values.tolist())
@@ -94,9 +92,9 @@ def test_road_records_and_combined_row(masked_run):
     assert "## road2022/combined (higher is better)" in (out_dir / "report.md").read_text()
 
 
-def test_records_do_not_depend_on_batch_size(masked_run, tmp_path):
+def test_records_do_not_depend_on_batch_size(model, masked_run, tmp_path):
     out_dir, _, data = masked_run
-    run(data, tmp_path, batch_size=2, max_batch_size=7)
+    run(model, data, tmp_path, batch_size=2, max_batch_size=7)
     # maps of a batch of 2 and of 3 differ by float32 rounding (~1e-7): compare with a
     # tolerance far below what a different tie order or ROAD noise would change
     for ours, theirs in zip(load_records(tmp_path), load_records(out_dir), strict=True):
@@ -142,15 +140,24 @@ def test_gzipped_shards_are_read_and_an_empty_folder_is_refused(masked_run, tmp_
     assert (empty / "report.md").read_text() == "earlier report"
 
 
-def test_config_fingerprints_the_data(tmp_path):
-    images, labels = tiny_data(3)
-    run((images, labels), tmp_path, protocols=["vilas2023/positive"], methods=["class_space"])
+def test_config_fingerprints_the_data(model, tmp_path):
+    images, labels = tiny_benchmark_data(3, model)
+    run(
+        model, (images, labels), tmp_path, protocols=["vilas2023/positive"], methods=["class_space"]
+    )
     changed = images.clone()
     changed[0, 0, 0, 0] += 1.0  # same type, size and shape: only the contents differ
     with pytest.raises(ValueError, match=r"differs in \['dataset'\]"):
-        run((changed, labels), tmp_path, protocols=["vilas2023/positive"], methods=["class_space"])
+        run(
+            model,
+            (changed, labels),
+            tmp_path,
+            protocols=["vilas2023/positive"],
+            methods=["class_space"],
+        )
     with pytest.raises(ValueError, match=r"differs in \['dataset'\]"):
         run(
+            model,
             (images, labels.flip(0)),
             tmp_path,
             protocols=["vilas2023/positive"],
@@ -158,14 +165,14 @@ def test_config_fingerprints_the_data(tmp_path):
         )
 
 
-def test_dataset_masks_are_checked():
-    images, labels = tiny_data(2)
+def test_dataset_masks_are_checked(model):
+    images, labels = tiny_benchmark_data(2, model)
     with pytest.raises(TypeError, match="masks must be a bool"):
-        run((images, labels, masks_for(images).float()), "unused")
+        run(model, (images, labels, box_masks(images).float()), "unused")
     with pytest.raises(ValueError, match="masks must have shape"):
-        run((images, labels, masks_for(images)[:, :, :8]), "unused")
+        run(model, (images, labels, box_masks(images)[:, :, :8]), "unused")
     with pytest.raises(ValueError, match="tuple"):
-        run((images,), "unused")
+        run(model, (images,), "unused")
 
 
 def test_cli_needs_data_for_a_model_that_is_not_embedded(tmp_path, capsys):

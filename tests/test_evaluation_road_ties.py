@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
-from test_evaluation import MEAN, STD, ToyTokenViT, curves_of
 from torch import nn
 
-from class_space_saliency.evaluation import PROTOCOLS, area_under_curve
+from class_space_saliency.evaluation import PROTOCOLS, area_under_curve, perturbation_curves
 from class_space_saliency.evaluation.curves import perturbation_ranks, perturbation_scores
+from class_space_saliency.testing import ToyTokenViT
+
+MEAN, STD = (0.5,), (0.5,)
+curves_of = functools.partial(perturbation_curves, mean=MEAN, std=STD)
 
 road = pytest.importorskip("pytorch_grad_cam.metrics.road")
 # the reference imputer hands torch tensors to NumPy 2, which warns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -15,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_CLASSES, make_model
 from PIL import Image
 from torchvision import transforms
 
-from class_space_saliency import ClassSpaceSaliency
+from class_space_saliency import ClassSpaceSaliency, testing
 from class_space_saliency.evaluation import (
     PROTOCOLS,
     ImageFolderDataset,
@@ -34,6 +34,7 @@ from class_space_saliency.evaluation import (
 from class_space_saliency.evaluation.cli import add_benchmark_command
 from class_space_saliency.evaluation.datasets import balanced_order
 from class_space_saliency.evaluation.protocols import protocol_to_dict
+from class_space_saliency.testing import tiny_benchmark_data
 
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 PRESET_NAMES = ["chefer2021", "rise2018", "vilas2023"]
@@ -41,13 +42,15 @@ CLI_PRESETS = [*PRESET_NAMES, "road2022"]
 QUICK = dict(batch_size=3, progress=False, n_boot=50)
 
 
-def tiny_data(n: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images with labels = the model's prediction except for images 0 and 1."""
-    images = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        labels = make_model("plain")(images).argmax(-1)
-    labels[:2] = (labels[:2] + 1) % NUM_CLASSES
-    return images, labels
+@pytest.fixture
+def model(tiny_vit):
+    return tiny_vit("plain")
+
+
+@pytest.fixture
+def data(model):
+    """7 images; the model is right on 5 of them."""
+    return tiny_benchmark_data(7, model)
 
 
 class Interrupting:
@@ -83,11 +86,11 @@ def run(model, data, methods, out_dir, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(shared_models, tmp_path_factory):
     """An uninterrupted run: (folder, report)."""
     out_dir = tmp_path_factory.mktemp("reference")
-    model = make_model("plain")
-    return out_dir, run(model, tiny_data(), methods_for(model), out_dir)
+    model = shared_models.get(testing.tiny_vit, "plain")
+    return out_dir, run(model, tiny_benchmark_data(7, model), methods_for(model), out_dir)
 
 
 def test_records_and_report(reference):
@@ -132,27 +135,25 @@ def test_records_and_report(reference):
     assert config["protocols"][0]["steps"] == [i / 10 for i in range(10)]
 
 
-def test_resume_after_interruption_equals_uninterrupted(reference, tmp_path):
-    model = make_model("plain")
+def test_resume_after_interruption_equals_uninterrupted(model, data, reference, tmp_path):
     # two map classes per batch (predicted for chefer/rise, label for vilas): call 5 is batch 3
     with pytest.raises(KeyboardInterrupt):
-        run(model, tiny_data(), methods_for(model, stop_at=5), tmp_path)
+        run(model, data, methods_for(model, stop_at=5), tmp_path)
     assert {r["image"] for r in load_records(tmp_path)} == set(range(6))
     methods = methods_for(model)
-    run(model, tiny_data(), methods, tmp_path)
+    run(model, data, methods, tmp_path)
     assert methods["first_block"].calls == 2  # only the last batch was computed again
     assert load_records(tmp_path) == load_records(reference[0])
 
 
-def test_cut_short_last_line_is_repaired(reference, tmp_path):
-    model = make_model("plain")
-    run(model, tiny_data(), methods_for(model), tmp_path)
+def test_cut_short_last_line_is_repaired(model, data, reference, tmp_path):
+    run(model, data, methods_for(model), tmp_path)
     shard = tmp_path / "results.rank0.jsonl"
-    data = shard.read_bytes()
-    shard.write_bytes(data[: len(data) - 40])  # killed while writing the last record
+    written = shard.read_bytes()
+    shard.write_bytes(written[: len(written) - 40])  # killed while writing the last record
     assert len(load_records(tmp_path)) == 7 * 2 * 6 - 1
     methods = methods_for(model)
-    run(model, tiny_data(), methods, tmp_path)
+    run(model, data, methods, tmp_path)
     assert shard.read_bytes().endswith(b"\n")
     assert load_records(tmp_path) == load_records(reference[0])
     lines = shard.read_bytes().splitlines()
@@ -162,18 +163,16 @@ def test_cut_short_last_line_is_repaired(reference, tmp_path):
 
 
 @pytest.mark.parametrize("change", [dict(seed=1), dict(model_name="other")])
-def test_config_mismatch_raises(reference, change):
-    model = make_model("plain")
+def test_config_mismatch_raises(model, data, reference, change):
     with pytest.raises(ValueError, match="different benchmark configuration"):
-        run(model, tiny_data(), methods_for(model), reference[0], **change)
+        run(model, data, methods_for(model), reference[0], **change)
 
 
-def test_a_run_grows_in_its_folder(tmp_path, capsys):
-    model = make_model("plain")
-    run(model, tiny_data(), ["class_space"], tmp_path, protocols=["chefer2021/positive"], n=3)
+def test_a_run_grows_in_its_folder(model, data, tmp_path, capsys):
+    run(model, data, ["class_space"], tmp_path, protocols=["chefer2021/positive"], n=3)
     first = load_records(tmp_path)
     assert len(first) == 3
-    report = run(model, tiny_data(), ["class_space", "random"], tmp_path,
+    report = run(model, data, ["class_space", "random"], tmp_path,
                  protocols=["chefer2021/positive", "chefer2021/negative"], n=5)  # fmt: skip
     assert "3 of 5 images already done" not in capsys.readouterr().err  # new methods to do
     records = load_records(tmp_path)
@@ -182,19 +181,20 @@ def test_a_run_grows_in_its_folder(tmp_path, capsys):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["n"] == 5 and [m["name"] for m in config["methods"]] == ["class_space", "random"]
     assert {row.method for row in report.rows} == {"class_space", "random"}
-    run(model, tiny_data(), ["class_space"], tmp_path, protocols=["chefer2021/positive"], n=5,
+    run(model, data, ["class_space"], tmp_path, protocols=["chefer2021/positive"], n=5,
         progress=True)  # fmt: skip
     assert "5 of 5 images already done" in capsys.readouterr().err
     assert len(load_records(tmp_path)) == 20
 
 
-def test_different_weights_or_method_options_raise(tmp_path):
-    model = make_model("plain")
-    run(model, tiny_data(3), ["class_space"], tmp_path, protocols=["chefer2021/positive"])
+def test_different_weights_or_method_options_raise(model, tmp_path):
+    data = tiny_benchmark_data(3, model)
+    model = copy.deepcopy(model)  # its weights change below
+    run(model, data, ["class_space"], tmp_path, protocols=["chefer2021/positive"])
     with pytest.raises(ValueError, match=r"differs in \['methods'\]"):
         run(
             model,
-            tiny_data(3),
+            data,
             ["class_space"],
             tmp_path,
             protocols=["chefer2021/positive"],
@@ -203,12 +203,12 @@ def test_different_weights_or_method_options_raise(tmp_path):
     with torch.no_grad():
         model.head.bias.add_(1.0)
     with pytest.raises(ValueError, match=r"differs in \['model'\]"):
-        run(model, tiny_data(3), ["class_space"], tmp_path, protocols=["chefer2021/positive"])
+        run(model, data, ["class_space"], tmp_path, protocols=["chefer2021/positive"])
 
 
-def test_mean_baseline_uses_the_evaluated_images(tmp_path):
-    model = make_model("plain")
-    images, labels = tiny_data(3)
+def test_mean_baseline_uses_the_evaluated_images(model, tmp_path):
+    model = copy.deepcopy(model)  # put in training mode below
+    images, labels = tiny_benchmark_data(3, model)
     protocol = dataclasses.replace(
         PROTOCOLS["chefer2021/positive"], name="mean/positive", baseline="mean", score="logit"
     )
@@ -264,18 +264,17 @@ def test_summary_statistics_by_hand():
 # ---------------------------------------------------------------------------- torchrun
 SCRIPT = """
 import sys
-sys.path.insert(0, {tests!r})
 import torch
-from conftest import make_model
-from test_evaluation_runner import tiny_data
 from class_space_saliency.evaluation import run_benchmark
+from class_space_saliency.testing import tiny_benchmark_data, tiny_vit
 
 
 def main(out_dir):
-    images, labels = tiny_data(5)
+    model = tiny_vit("plain")
+    images, labels = tiny_benchmark_data(5, model)
     masks = torch.zeros(5, 1, 32, 32, dtype=torch.bool)
     masks[..., 4:20, 8:24] = True
-    return run_benchmark(make_model("plain"), (images, labels, masks), ["class_space"],
+    return run_benchmark(model, (images, labels, masks), ["class_space"],
         ["chefer2021/positive", "vilas2023/negative", "road2022/morf"], (0.5,) * 3, (0.5,) * 3,
         out_dir, batch_size=2, progress=False, n_boot=50)
 
@@ -303,7 +302,7 @@ def assert_same_records(first: list[dict], second: list[dict]) -> None:
 
 def test_torchrun_two_processes_equal_one(tmp_path):
     script = tmp_path / "bench.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
@@ -355,7 +354,7 @@ PREPROCESS = transforms.Compose(
 )
 
 
-def test_corrupt_images_are_skipped_and_listed(tmp_path):
+def test_corrupt_images_are_skipped_and_listed(model, tmp_path):
     dataset = ImageFolderDataset(image_folder(tmp_path / "data"), PREPROCESS)
     assert dataset.class_to_idx == {"cat": 0, "dog": 1}
     assert [(p.name, label) for p, label in dataset.samples] == [
@@ -371,7 +370,7 @@ def test_corrupt_images_are_skipped_and_listed(tmp_path):
     with pytest.raises(UnreadableImageError, match=r"broken\.png"):
         dataset[5]
     report = run(
-        make_model("plain"),
+        model,
         dataset,
         ["class_space"],
         tmp_path / "out",
@@ -384,12 +383,12 @@ def test_corrupt_images_are_skipped_and_listed(tmp_path):
     assert report.n_images == 4 and report.rows[0].n_images == 4
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## Unreadable images (skipped)" in markdown and "truncated.jpg" in markdown
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
         ImageFolderDataset(tmp_path / "missing", PREPROCESS)
 
 
 # ---------------------------------------------------------------------------- CLI
-def test_benchmark_command(tmp_path, monkeypatch, capsys):
+def test_benchmark_command(model, tmp_path, monkeypatch, capsys):
     class Preprocessing:
         mean, std, input_size = NORM["mean"], NORM["std"], (3, 32, 32)
         class_names = ("Dog", "bird", "Cat", "x", "y", "z", "w")
@@ -398,11 +397,11 @@ def test_benchmark_command(tmp_path, monkeypatch, capsys):
             return PREPROCESS(image)
 
     models = types.ModuleType("class_space_saliency.models")
-    models.load_model = lambda name, weights=None, **_: (make_model("plain"), Preprocessing())
+    models.load_model = lambda name, weights=None, **_: (copy.deepcopy(model), Preprocessing())
     models.EMBEDDED_MODELS, models.DEFAULT_MODEL = {"toy": None}, "toy"
 
     def load_default_eval(dataset=None, masks=False, preprocessing=None):
-        images, labels = tiny_data(4)
+        images, labels = tiny_benchmark_data(4, model)
         return (
             (images, labels, torch.ones(4, 1, 32, 32, dtype=torch.bool).tril())
             if masks

@@ -6,16 +6,17 @@ with the argument's name."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import assert_state_unchanged, input_for, make_model, model_state
 from torch import nn
 
 from class_space_saliency.cli import main
 from class_space_saliency.evaluation import load_records, run_benchmark
 from class_space_saliency.methods import METHODS, SaliencyMethod, create_method
+from class_space_saliency.testing import assert_state_unchanged, model_state, tiny_images
 
 MODEL_FREE = {"random", "sobel", "intensity"}
 """Controls that never run the model."""
@@ -23,9 +24,10 @@ TARGETS = [0, 3, 6]
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def prepared_model() -> nn.Module:
+@pytest.fixture
+def prepared_model(tiny_vit) -> nn.Module:
     """A tiny ViT with state to restore: training mode, fused attention on, a frozen part."""
-    model = make_model("plain").train()
+    model = copy.deepcopy(tiny_vit("plain")).train()
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = True
@@ -51,10 +53,10 @@ def raising_hook(module: nn.Module, error: type[BaseException]) -> Iterator[list
 
 # ---------------------------------------------------------------------------- model state
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_model_unchanged_after_success(name):
-    model = prepared_model()
+def test_model_unchanged_after_success(prepared_model, name):
+    model = prepared_model
     before = model_state(model)
-    maps = create_method(name, model).attribute(input_for("plain"), target=TARGETS)
+    maps = create_method(name, model).attribute(tiny_images("plain"), target=TARGETS)
     assert maps.shape == (3, 1, 4, 4)
     assert_state_unchanged(model, before)
     assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
@@ -62,17 +64,17 @@ def test_model_unchanged_after_success(name):
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_model_unchanged_after_an_exception_inside_the_forward_pass(name, error):
-    model = prepared_model()
+def test_model_unchanged_after_an_exception_inside_the_forward_pass(prepared_model, name, error):
+    model = prepared_model
     explainer = create_method(name, model)
     before = model_state(model)
     with raising_hook(explainer.anatomy.blocks[1], error) as calls:
         if name in MODEL_FREE:
-            explainer.attribute(input_for("plain"), target=TARGETS)
+            explainer.attribute(tiny_images("plain"), target=TARGETS)
             assert not calls
         else:
             with pytest.raises(error, match="inside the forward pass"):
-                explainer.attribute(input_for("plain"), target=TARGETS)
+                explainer.attribute(tiny_images("plain"), target=TARGETS)
     assert_state_unchanged(model, before)
 
 
@@ -91,15 +93,15 @@ class InterruptedOnSecondBatch:
             return self.method.attribute(inputs, target)
 
 
-def test_model_unchanged_after_ctrl_c_in_the_benchmark(tmp_path):
-    model = prepared_model()
+def test_model_unchanged_after_ctrl_c_in_the_benchmark(prepared_model, tmp_path):
+    model = prepared_model
     methods = {name: create_method(name, model) for name in METHODS}
     methods["interrupted"] = InterruptedOnSecondBatch(create_method("chefer", model))
     before = model_state(model)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="inside the forward pass"):
         run_benchmark(
             model,
-            (input_for("plain", batch=4), torch.tensor([0, 1, 2, 3])),
+            (tiny_images("plain", batch=4), torch.tensor([0, 1, 2, 3])),
             methods,
             ["chefer2021/positive"],
             **NORM,
@@ -114,9 +116,9 @@ def test_model_unchanged_after_ctrl_c_in_the_benchmark(tmp_path):
 
 # ---------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_maps_are_bit_identical_across_calls_and_instances(name):
-    model = make_model("registers")
-    images = input_for("registers")
+def test_maps_are_bit_identical_across_calls_and_instances(tiny_vit, name):
+    model = tiny_vit("registers")
+    images = tiny_images("registers")
     first = create_method(name, model).attribute(images, target=TARGETS)
     explainer = create_method(name, model)
     for _ in range(2):
@@ -136,13 +138,15 @@ def test_maps_are_bit_identical_across_calls_and_instances(name):
         (dict(max_batch_size=0), "batch sizes must be >= 1"),
     ],
 )
-def test_benchmark_arguments_are_checked_before_anything_is_written(change, match, tmp_path):
+def test_benchmark_arguments_are_checked_before_anything_is_written(
+    tiny_vit, change, match, tmp_path
+):
     options = {**dict(methods=["sobel"], protocols=["chefer2021"]), **change}
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=match):
         run_benchmark(
-            make_model("plain"),
-            (input_for("plain"), torch.tensor(TARGETS)),
+            tiny_vit("plain"),
+            (tiny_images("plain"), torch.tensor(TARGETS)),
             options.pop("methods"),
             options.pop("protocols"),
             **NORM,

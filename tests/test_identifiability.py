@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import input_for, make_model, prefix_of, reference_project, reference_states
 
 from class_space_saliency import class_identifiability
+from class_space_saliency.testing import (
+    class_logits,
+    num_prefix_tokens_of,
+    tiny_images,
+    token_states,
+)
 
 
 @pytest.mark.parametrize("family", ["plain", "distilled", "registers", "avgpool", "torchvision"])
-def test_identifiability_matches_hand_computation(family):
-    model = make_model(family)
-    images = input_for(family, batch=5)
+@torch.no_grad()
+def test_identifiability_matches_hand_computation(tiny_vit, family):
+    model = tiny_vit(family)
+    images = tiny_images(family, batch=5)
     labels = torch.tensor([0, 1, 2, 3, 4])
-    states = reference_states(model, images)
-    prefix = prefix_of(model)
+    states = token_states(model, images)
+    prefix = num_prefix_tokens_of(model)
     result = class_identifiability(model, images, labels, max_batch_size=2)
     assert result.layers == [0, 1, 2] and result.num_images == 5
     for block, tokens in enumerate(states["residual"]):
-        logits = reference_project(model, tokens)  # (B, N, C)
+        logits = class_logits(model, tokens)  # (B, N, C)
         label_logit = logits[torch.arange(5), :, labels]  # (B, N)
         rank = 1 - (logits > label_logit[..., None]).sum(-1).float() / logits.shape[-1]
         top1 = logits.argmax(-1) == labels[:, None]
@@ -35,7 +41,6 @@ def test_identifiability_matches_hand_computation(family):
     assert len(result.to_dict()["token_rate"]) == 3
 
 
-def test_identifiability_rejects_missing_labels():
-    model = make_model("plain")
+def test_identifiability_rejects_missing_labels(tiny_vit):
     with pytest.raises(ValueError, match="labels"):
-        class_identifiability(model, input_for("plain"), None)
+        class_identifiability(tiny_vit("plain"), tiny_images("plain"), None)

@@ -138,5 +138,5 @@ def test_load_model_errors(tmp_path):
     with pytest.raises(ValueError, match="timm model name"):
         load_model("not_a_model_name")
     assert load_model("fashion")[1].input_size == (3, 28, 28)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth does not exist"):
         load_model("vit_tiny_patch16_224", weights=tmp_path / "missing.pth")

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 
 import timm
 import torch
-from conftest import _eval as perturb_and_eval
-from conftest import assert_state_unchanged, model_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from class_space_saliency.anatomy import COMPONENTS
 from class_space_saliency.methods import create_method
+from class_space_saliency.testing import assert_state_unchanged, model_state, perturb_weights
 
 NUM_CLASSES = 5
 
@@ -67,7 +66,7 @@ class Case:
                 init_values=self.init_values,
                 **options,
             )
-            model = perturb_and_eval(model)
+            model = perturb_weights(model)
         return model.train(self.training)
 
     def inputs(self) -> torch.Tensor:

@@ -7,15 +7,15 @@ import pytest
 import quantus
 import torch
 import torch.nn.functional as F
-from conftest import make_model
 
+from class_space_saliency import testing
 from class_space_saliency.interop import explain_func
 from class_space_saliency.methods import ClassSpaceSaliency
 
 
 @pytest.fixture(scope="module")
-def batch():
-    model = make_model("plain")
+def batch(shared_models):
+    model = shared_models.get(testing.tiny_vit, "plain")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
     y = np.array([0, 3, 5, 6])

@@ -117,13 +117,18 @@ def test_check_fails_on_a_stale_readme_and_writing_fixes_it(tmp_path):
     assert tables["main"]([*arguments, "--check"]) == 2  # no such model in the JSON
 
 
-def test_faithfulness_script_writes_what_the_tables_read(tmp_path):
-    from test_evaluation_localisation_report import masks_for, run
-    from test_evaluation_runner import tiny_data
+def test_faithfulness_script_writes_what_the_tables_read(tiny_vit, tmp_path):
+    from class_space_saliency.evaluation import run_benchmark
+    from class_space_saliency.testing import box_masks, tiny_benchmark_data
 
     faithfulness = runpy.run_path(str(ROOT / "benchmarks" / "faithfulness.py"))
-    images, labels = tiny_data(4)
-    report = run((images, labels, masks_for(images)), tmp_path / "run")
+    model = tiny_vit("plain")
+    images, labels = tiny_benchmark_data(4, model)
+    report = run_benchmark(
+        model, (images, labels, box_masks(images)), ["class_space", "random"],
+        ["road2022", "vilas2023/positive"], (0.5,) * 3, (0.5,) * 3, tmp_path / "run",
+        batch_size=3, progress=False, n_boot=50,
+    )  # fmt: skip
     path = tmp_path / "faithfulness.json"
     summary = faithfulness["run_summary"](report, report)
     faithfulness["update_results"](path, "toy", {"main": summary})

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_CLASSES, input_for, make_model, model_state
-from conftest import assert_state_unchanged as assert_unchanged
 from scipy.stats import spearmanr
 
-from class_space_saliency import ClassSpaceSaliency, ViTAnatomy
+from class_space_saliency import ClassSpaceSaliency, ViTAnatomy, testing
 from class_space_saliency.cli import main
 from class_space_saliency.sanity import (
     SanityResult,
@@ -19,6 +18,8 @@ from class_space_saliency.sanity import (
     randomization_cascade,
     spearman,
 )
+from class_space_saliency.testing import NUM_CLASSES, model_state, tiny_images
+from class_space_saliency.testing import assert_state_unchanged as assert_unchanged
 
 CONTROLS = ["sobel", "intensity", "random"]
 
@@ -28,12 +29,12 @@ def labels_for(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model(images).argmax(-1)
 
 
-def test_class_space_decorrelates_and_controls_stay_at_one():
-    model = make_model("plain").train()
+def test_class_space_decorrelates_and_controls_stay_at_one(tiny_vit):
+    model = copy.deepcopy(tiny_vit("plain")).train()
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = True
-    images = input_for("plain", batch=10)
+    images = tiny_images("plain", batch=10)
     before = model_state(model)
     result = cascading_randomization(
         model, images, labels_for(model, images), ["class_space", "rollout", *CONTROLS]
@@ -51,10 +52,10 @@ def test_class_space_decorrelates_and_controls_stay_at_one():
     assert table["rollout"][1] == pytest.approx(1.0) and table["rollout"][-1] < 0.9
 
 
-def test_randomisation_is_top_down_and_cumulative():
+def test_randomisation_is_top_down_and_cumulative(tiny_vit):
     """A block-1 class-space map changes with the head and block 1, not blocks 2 and 3."""
-    model = make_model("torchvision")
-    images = input_for("torchvision", batch=4)
+    model = tiny_vit("torchvision")
+    images = tiny_images("torchvision", batch=4)
     result = cascading_randomization(
         model, images, [1, 2, 3, 4], ["class_space"], method_kwargs={"class_space": {"layer": 0}}
     )
@@ -64,8 +65,8 @@ def test_randomisation_is_top_down_and_cumulative():
 
 
 @pytest.mark.parametrize("family", ["distilled", "torchvision"])
-def test_cascade_redraws_each_part_once_in_order(family):
-    model = make_model(family)
+def test_cascade_redraws_each_part_once_in_order(tiny_vit, family):
+    model = tiny_vit(family)
     before = model_state(model)
     anatomy = ViTAnatomy.from_model(model)
     name_of = {id(p): name for name, p in model.named_parameters()}
@@ -93,8 +94,8 @@ def test_cascade_redraws_each_part_once_in_order(family):
     assert_unchanged(model, before)
 
 
-def test_cascade_is_seeded():
-    model = make_model("plain")
+def test_cascade_is_seeded(tiny_vit):
+    model = tiny_vit("plain")
 
     def final_state(seed: int) -> list[torch.Tensor]:
         *_, (_, randomized) = randomization_cascade(model, seed)
@@ -147,7 +148,7 @@ def test_result_table_json_and_plot():
     [
         (dict(methods=["class_space", "nope"]), ValueError, "method"),
         (dict(methods=["sobel", "sobel"]), ValueError, "unique"),
-        (dict(methods=[ClassSpaceSaliency(make_model("plain"))]), TypeError, "registry names"),
+        (dict(methods=[ClassSpaceSaliency(testing.tiny_vit())]), TypeError, "registry names"),
         (dict(targets=None), ValueError, "targets must be given"),
         (dict(targets=NUM_CLASSES), ValueError, "out of range"),
         (dict(inputs=torch.randn(2, 3, 16, 16)), ValueError, "spatial size"),
@@ -155,10 +156,13 @@ def test_result_table_json_and_plot():
         (dict(method_kwargs={"gradcam": {}}), ValueError, "method_kwargs"),
     ],
 )
-def test_bad_arguments(kwargs, error, match):
-    model = make_model("plain")
+def test_bad_arguments(tiny_vit, kwargs, error, match):
+    model = tiny_vit("plain")
     before = model_state(model)
-    arguments = {**dict(inputs=input_for("plain", batch=2), targets=0, methods=["sobel"]), **kwargs}
+    arguments = {
+        **dict(inputs=tiny_images("plain", batch=2), targets=0, methods=["sobel"]),
+        **kwargs,
+    }
     with pytest.raises(error, match=match):
         cascading_randomization(model, **arguments)
     assert_unchanged(model, before)

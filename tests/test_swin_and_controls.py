@@ -3,12 +3,11 @@ and the model-agnostic controls on a plain CNN."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from captum.attr import LayerGradCam
-from conftest import assert_state_unchanged, model_state
 from torch import nn
 
 from class_space_saliency import (
@@ -22,42 +21,22 @@ from class_space_saliency import (
 from class_space_saliency.adapters import UnsupportedModelError
 from class_space_saliency.evaluation.curves import check_token_model
 from class_space_saliency.methods import METHODS, create_method
+from class_space_saliency.testing import (
+    assert_state_unchanged,
+    captum_gradcam_on_tokens,
+    model_state,
+    sobel_by_hand,
+    tiny_images,
+)
 
 TARGET = torch.tensor([0, 4, 6])
-SWIN = dict(window_size=2, embed_dim=16, depths=(1, 2), num_heads=(1, 2))
 
 
-def _perturb(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    for p in model.parameters():
-        with torch.no_grad():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-def timm_swin() -> nn.Module:
-    torch.manual_seed(0)
-    kwargs = dict(SWIN, pretrained=False, img_size=32, patch_size=4, num_classes=7)
-    return _perturb(timm.create_model("swin_tiny_patch4_window7_224", **kwargs))
-
-
-def hf_swin() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.SwinConfig(
-        image_size=32,
-        patch_size=4,
-        num_labels=7,
-        window_size=2,
-        embed_dim=16,
-        depths=[1, 2],
-        num_heads=[1, 2],
-    )
-    return _perturb(transformers.SwinForImageClassification(config))
-
-
-def images_for(batch: int = 3) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+@pytest.fixture(params=["timm", "hf"])
+def kind(request) -> str:
+    if request.param == "hf":
+        pytest.importorskip("transformers")
+    return request.param
 
 
 def timm_last_stage(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
@@ -71,9 +50,9 @@ def timm_last_stage(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor
     return outputs
 
 
-def test_timm_swin_class_space_on_the_last_stage():
-    model = timm_swin()
-    images = images_for()
+def test_timm_swin_class_space_on_the_last_stage(tiny_swin):
+    model = tiny_swin("timm")
+    images = tiny_images()
     with torch.no_grad():
         per_position = model.head.fc(model.forward_features(images))  # (B, 4, 4, C)
         # the head is linear after the mean: the mean of the per-position logits is the output
@@ -86,36 +65,21 @@ def test_timm_swin_class_space_on_the_last_stage():
     torch.testing.assert_close(got[:, 0], want_first, rtol=1e-4, atol=1e-5)
 
 
-def test_hf_swin_class_space_matches_hidden_states():
-    model = hf_swin()
-    images = images_for()
-    with torch.no_grad():
-        out = model(images, output_hidden_states=True)
+def test_hf_swin_class_space_matches_hidden_states(tiny_swin):
+    pytest.importorskip("transformers")
+    model = tiny_swin("hf")
+    images = tiny_images()
+    with torch.no_grad():  # a copy: transformers hooks a model asked for its hidden states
+        out = copy.deepcopy(model)(images, output_hidden_states=True)
         per_token = model.classifier(model.swin.layernorm(out.hidden_states[-1]))  # (B, 16, C)
         torch.testing.assert_close(per_token.mean(1), out.logits, rtol=1e-5, atol=1e-6)
         want = per_token[torch.arange(3), :, TARGET].reshape(3, 4, 4)
     torch.testing.assert_close(ClassSpaceSaliency(model).attribute(images, TARGET)[:, 0], want)
 
 
-def _captum_gradcam(forward, layer: nn.Module, images: torch.Tensor, channels_last: bool):
-    probe = nn.Identity()
-
-    def reshape(module, args, out):
-        if channels_last:  # (B, h, w, C)
-            return probe(out.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return probe(out.transpose(1, 2).reshape(3, -1, 4, 4)).flatten(2).transpose(1, 2)
-
-    handle = layer.register_forward_hook(reshape)
-    try:
-        return LayerGradCam(forward, probe).attribute(images, TARGET, relu_attributions=True)
-    finally:
-        handle.remove()
-
-
-@pytest.mark.parametrize("kind", ["timm", "hf"])
-def test_swin_gradcam_equals_captum_on_the_last_stage(kind):
-    model = timm_swin() if kind == "timm" else hf_swin()
-    images = images_for()
+def test_swin_gradcam_equals_captum_on_the_last_stage(tiny_swin, kind):
+    model = tiny_swin(kind)
+    images = tiny_images()
     if kind == "timm":
         layer, forward = model.layers[-1].blocks[-1].norm1, model
     else:
@@ -127,15 +91,15 @@ def test_swin_gradcam_equals_captum_on_the_last_stage(kind):
     before = model_state(model)
     got = GradCAM(model).attribute(images, TARGET)
     assert GradCAM(model).layer is layer
-    want = _captum_gradcam(forward, layer, images, channels_last=kind == "timm")
+    channels_last = kind == "timm"
+    want = captum_gradcam_on_tokens(forward, layer, images, TARGET, 0, (4, 4), True, channels_last)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert got.abs().sum() > 0
     assert_state_unchanged(model, before)
 
 
-@pytest.mark.parametrize("kind", ["timm", "hf"])
-def test_swin_refuses_attention_methods_and_token_removal_with_a_reason(kind):
-    model = timm_swin() if kind == "timm" else hf_swin()
+def test_swin_refuses_attention_methods_and_token_removal_with_a_reason(tiny_swin, kind):
+    model = tiny_swin(kind)
     for name in ("rollout", "chefer", "raw_attention"):
         with pytest.raises(UnsupportedModelError, match="local windows"):
             create_method(name, model)
@@ -144,7 +108,7 @@ def test_swin_refuses_attention_methods_and_token_removal_with_a_reason(kind):
     with pytest.raises(TypeError, match="merges patches"):
         check_token_model(model)
     with pytest.raises(ValueError, match="local windows"):
-        ClassSpaceSaliency(model, component="attention").attribute(images_for(), 0)
+        ClassSpaceSaliency(model, component="attention").attribute(tiny_images(), 0)
 
 
 class TinyCNN(nn.Module):
@@ -157,19 +121,9 @@ class TinyCNN(nn.Module):
         return self.fc(F.relu(self.conv(x)).mean((2, 3)))
 
 
-def sobel_by_hand(images: torch.Tensor, cell: int) -> torch.Tensor:
-    """Replicate-padded grey image, |(gx, gy)|, mean per cell x cell block."""
-    gray = images.mean(1, keepdim=True)
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
-    gx, gy = F.conv2d(padded, kx[None, None]), F.conv2d(padded, kx.T[None, None])
-    return F.avg_pool2d((gx**2 + gy**2).sqrt(), cell)
-
-
-@pytest.mark.parametrize("kind", ["timm", "hf"])
-def test_controls_on_swin_use_the_last_stage_grid(kind):
-    model = timm_swin() if kind == "timm" else hf_swin()
-    images = images_for()
+def test_controls_on_swin_use_the_last_stage_grid(tiny_swin, kind):
+    model = tiny_swin(kind)
+    images = tiny_images()
     torch.testing.assert_close(SobelSaliency(model).attribute(images), sobel_by_hand(images, 8))
     want = F.avg_pool2d(images.mean(1, keepdim=True), 8)
     torch.testing.assert_close(IntensitySaliency(model).attribute(images, TARGET), want)
@@ -177,7 +131,7 @@ def test_controls_on_swin_use_the_last_stage_grid(kind):
 
 def test_controls_work_on_a_cnn():
     model = TinyCNN().eval()
-    images = images_for(2)
+    images = tiny_images(batch=2)
     gray = images.mean(1, keepdim=True)
     want = F.avg_pool2d(gray, 8)
     got = IntensitySaliency(model, patch_size=8, num_classes=5).attribute(images, 4)
@@ -201,15 +155,14 @@ def test_model_methods_refuse_a_cnn_with_a_reason():
         with pytest.raises(UnsupportedModelError, match=r"looked for|cannot find"):
             create_method(name, model)
     with pytest.raises(UnsupportedModelError, match=r"looked for|cannot find"):
-        class_identifiability(model, images_for(2), torch.tensor([0, 1]))
-    with pytest.raises(TypeError):
+        class_identifiability(model, tiny_images(batch=2), torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="token removal is not supported for TinyCNN"):
         check_token_model(model)
 
 
-@pytest.mark.parametrize("kind", ["timm", "hf"])
-def test_swin_identifiability_on_the_last_stage(kind):
-    model = timm_swin() if kind == "timm" else hf_swin()
-    images, labels = images_for(), torch.tensor([0, 3, 6])
+def test_swin_identifiability_on_the_last_stage(tiny_swin, kind):
+    model = tiny_swin(kind)
+    images, labels = tiny_images(), torch.tensor([0, 3, 6])
     result = class_identifiability(model, images, labels)
     with torch.no_grad():  # the model's own final norm and per-position head, by hand
         if kind == "timm":

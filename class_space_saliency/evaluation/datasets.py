@@ -47,9 +47,16 @@ class ImageFolderDataset(Dataset):
         FileNotFoundError: If ``root`` does not exist or holds no images.
 
     Example:
+        >>> from PIL import Image
+        >>> from class_space_saliency.models import load_model
+        >>> for name in ("cat", "dog"):
+        ...     Path("val", name).mkdir(parents=True)
+        ...     Image.new("RGB", (40, 30)).save(f"val/{name}/0.png")
         >>> model, preprocessing = load_model("default")
         >>> data = ImageFolderDataset("val/", preprocessing)
-        >>> image, label = data[0]
+        >>> image, label = data[1]
+        >>> image.shape, label, data.class_to_idx
+        (torch.Size([3, 32, 32]), 1, {'cat': 0, 'dog': 1})
     """
 
     def __init__(
@@ -172,7 +179,8 @@ def balanced_order(labels: Sequence[int], seed: int = 0) -> list[int]:
     shorter one (a run can grow).
 
     Example:
-        >>> balanced_order([0, 0, 0, 1], seed=0)  # e.g. [2, 3, 0, 1]
+        >>> balanced_order([0, 0, 0, 1], seed=0)
+        [2, 3, 0, 1]
     """
     generator = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(list(labels), dtype=torch.long)

@@ -50,8 +50,10 @@ def shard_from_env(device: torch.device) -> Iterator[Shard]:
         The shard.
 
     Example:
-        >>> with shard_from_env(torch.device("cpu")) as shard:
-        ...     my_indices = range(n)[shard.rank :: shard.world_size]
+        >>> with shard_from_env(torch.device("cpu")) as shard:  # one process: all of them
+        ...     my_indices = range(10)[shard.rank :: shard.world_size]
+        >>> list(my_indices)
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not dist.is_initialized():
         yield Shard(0, 1, device)

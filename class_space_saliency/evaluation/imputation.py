@@ -123,8 +123,10 @@ def noisy_linear_impute(
             or a sequence of generators whose length is not B.
 
     Example:
-        >>> keep = torch.rand(2, 28, 28) > 0.5
+        >>> keep = torch.rand(3, 32, 32) > 0.5  # images: (3, 3, 32, 32)
         >>> filled = noisy_linear_impute(images, keep, noise=0.01)
+        >>> torch.equal(filled[:, :, keep[0]][0], images[0][:, keep[0]])  # kept pixels stay
+        True
     """
     _check(images, keep, noise)
     batch = images.shape[0]

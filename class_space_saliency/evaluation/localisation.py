@@ -62,8 +62,10 @@ def localisation(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Ten
         ValueError: For wrong shapes, non-finite maps or an empty or full mask.
 
     Example:
-        >>> scores = localisation(explainer.attribute(images, labels), masks)
-        >>> scores["pointing_game"].mean()
+        >>> from class_space_saliency import ClassSpaceSaliency
+        >>> scores = localisation(ClassSpaceSaliency(model).attribute(images, labels), masks)
+        >>> sorted(scores), scores["pointing_game"].shape
+        (['mask_auroc', 'pointing_game', 'relevance_mass', 'relevance_rank'], torch.Size([3]))
     """
     _check(maps, masks)
     masks = masks.to(maps.device)

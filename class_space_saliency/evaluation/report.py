@@ -216,7 +216,12 @@ def summarize(
         The report (no files written).
 
     Example:
+        >>> from class_space_saliency.evaluation import run_benchmark
+        >>> _ = run_benchmark(model, (images, labels), ["sobel"], ["chefer2021/positive"],
+        ...     mean=(0.5,) * 3, std=(0.5,) * 3, out_dir="runs/a", progress=False)
         >>> report = summarize(load_records("runs/a"), load_config("runs/a"))
+        >>> report.n_images, [row.method for row in report.rows]
+        (3, ['sobel'])
     """
     protocols = [PerturbationProtocol(**knobs) for knobs in config["protocols"]]
     methods = [m["name"] for m in config["methods"]]
@@ -384,7 +389,11 @@ def write_report(
         ValueError: If the folder holds no result records (nothing is overwritten).
 
     Example:
-        >>> write_report("runs/a").clean_accuracy
+        >>> from class_space_saliency.evaluation import run_benchmark
+        >>> _ = run_benchmark(model, (images, labels), ["sobel"], ["chefer2021/positive"],
+        ...     mean=(0.5,) * 3, std=(0.5,) * 3, out_dir="runs/a", progress=False)
+        >>> write_report("runs/a").clean_accuracy  # labels: the model's own predictions
+        1.0
     """
     out_dir = Path(out_dir)
     config = load_config(out_dir)

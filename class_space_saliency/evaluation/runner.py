@@ -285,7 +285,8 @@ def run_benchmark(
     Example:
         >>> report = run_benchmark(model, (images, labels), ["class_space", "random"],
         ...     ["chefer2021", "vilas2023"], mean=(0.5,) * 3, std=(0.5,) * 3, out_dir="runs/a")
-        >>> report.clean_accuracy
+        >>> report.clean_accuracy  # labels: the model's own predictions
+        1.0
     """
     if batch_size < 1 or max_batch_size < 1:
         raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {max_batch_size}")

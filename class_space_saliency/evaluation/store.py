@@ -91,9 +91,9 @@ class ResultStore:
 
     Example:
         >>> store = ResultStore("runs/b16")
-        >>> store.check_config(config); store.write_config(config)
-        >>> done = {record_key(r) for r in load_records("runs/b16")}
-        >>> store.append([{"image": 0, "method": "class_space", "protocol": "p", ...}])
+        >>> store.append([{"image": 0, "method": "class_space", "protocol": "p", "auc": 0.5}])
+        >>> {record_key(r) for r in load_records("runs/b16")}  # what a resumed run skips
+        {(0, 'class_space', 'p')}
     """
 
     def __init__(self, out_dir: str | Path, rank: int = 0) -> None:
