@@ -36,6 +36,7 @@ from class_space_saliency.evaluation import (
     run_benchmark,
     summarize,
 )
+from class_space_saliency.evaluation.distributed import shard_from_env
 from class_space_saliency.methods import create_method, list_methods
 from class_space_saliency.models import load_default
 
@@ -117,29 +118,32 @@ def main() -> None:
         },
     }
     summary = {}
-    for run in args.runs:
-        folder = args.out / f"faithfulness_{args.model}_{run}"
-        report = run_benchmark(
-            model,
-            data,
-            methods[run],
-            PROTOCOLS,
-            prep.mean,
-            prep.std,
-            folder,
-            max_batch_size=args.max_batch_size,
-            batch_size=args.batch_size,
-            n=args.num_images,
-            model_name=f"{args.model}/{run}",
-        )
-        if report is None:  # not rank 0
-            continue
-        config = load_config(folder)
-        versus_random = summarize(
-            load_records(folder), config, reference="random", seed=config["seed"]
-        )
-        summary[run] = run_summary(report, versus_random)
-        print(f"{run}: clean accuracy {report.clean_accuracy:.4f} on {report.n_images} images")
+    # one process group for all runs: run_benchmark would otherwise set up and tear down a group
+    # per run, and under torchrun a rank still tearing down races the next run's barrier
+    with shard_from_env(device):
+        for run in args.runs:
+            folder = args.out / f"faithfulness_{args.model}_{run}"
+            report = run_benchmark(
+                model,
+                data,
+                methods[run],
+                PROTOCOLS,
+                prep.mean,
+                prep.std,
+                folder,
+                max_batch_size=args.max_batch_size,
+                batch_size=args.batch_size,
+                n=args.num_images,
+                model_name=f"{args.model}/{run}",
+            )
+            if report is None:  # not rank 0
+                continue
+            config = load_config(folder)
+            versus_random = summarize(
+                load_records(folder), config, reference="random", seed=config["seed"]
+            )
+            summary[run] = run_summary(report, versus_random)
+            print(f"{run}: clean accuracy {report.clean_accuracy:.4f} on {report.n_images} images")
     if summary:
         path = args.out / "faithfulness.json"
         update_results(path, args.model, summary)
