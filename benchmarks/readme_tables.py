@@ -175,7 +175,8 @@ def render_tie_shift(new: dict, old: dict) -> str:
         for section in curves:
             pair = (section["name"], method)
             shift = tables["new", "rows"][pair]["auc"] - tables["old", "rows"][pair]["auc"]
-            cell = f"{shift:+.{_decimals(section)}f}"
+            decimals = _decimals(section)
+            cell = f"{round(shift, decimals) + 0.0:+.{decimals}f}"  # + 0.0: no "-0.000"
             for key, against in (("rows", "class_space"), ("rows_vs_random", "random")):
                 before, after = tables["old", key].get(pair), tables["new", key].get(pair)
                 if before is None or after is None or before["diff"] is None:
