@@ -76,6 +76,12 @@ def run_summary(report: BenchmarkReport, versus_random: BenchmarkReport) -> dict
     }
 
 
+def summarize_folder(folder: Path, *references: str) -> list[BenchmarkReport]:
+    """The records of a run folder summarised once per reference method (the run's seed)."""
+    config, records = load_config(folder), load_records(folder)
+    return [summarize(records, config, reference=r, seed=config["seed"]) for r in references]
+
+
 def update_results(path: Path, model: str, runs: dict[str, dict]) -> None:
     """Set ``models[model][run]`` of the results JSON at ``path`` for each of ``runs``.
 
@@ -138,10 +144,7 @@ def main() -> None:
             )
             if report is None:  # not rank 0
                 continue
-            config = load_config(folder)
-            versus_random = summarize(
-                load_records(folder), config, reference="random", seed=config["seed"]
-            )
+            (versus_random,) = summarize_folder(folder, "random")
             summary[run] = run_summary(report, versus_random)
             print(f"{run}: clean accuracy {report.clean_accuracy:.4f} on {report.n_images} images")
     if summary:

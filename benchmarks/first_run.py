@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from faithfulness import run_summary, update_results
-
-from class_space_saliency.evaluation import load_config, load_records, summarize
+from faithfulness import run_summary, summarize_folder, update_results
 
 
 def main() -> None:
@@ -28,9 +26,7 @@ def main() -> None:
         "--results", type=Path, default=Path("benchmarks/results/faithfulness.json")
     )
     args = parser.parse_args()
-    config, records = load_config(args.run), load_records(args.run)
-    report = summarize(records, config, seed=config["seed"])
-    versus_random = summarize(records, config, reference="random", seed=config["seed"])
+    report, versus_random = summarize_folder(args.run, "class_space", "random")
     update_results(
         args.results, "fashion", {"main_raster_ties": run_summary(report, versus_random)}
     )

@@ -65,8 +65,8 @@ def _cell(value: float | None, low: float | None, high: float | None, decimals: 
     return f"{value:.{decimals}f} [{low:.{decimals}f}, {high:.{decimals}f}]"
 
 
-COMPARISONS = {"": None, "diff": "rows", "verdict": "rows", "vs-random": "rows_vs_random"}
-"""Table kind suffix -> key of the run's rows it compares (``None``: plain values)."""
+COMPARISONS = {"": "rows", "diff": "rows", "verdict": "rows", "vs-random": "rows_vs_random"}
+"""Table kind suffix -> key of the run's rows it reads."""
 
 
 def verdict(row: dict, higher_is_better: bool) -> str:
@@ -109,7 +109,7 @@ def render(run: dict, kind: str) -> str:
     ]
     if not sections:
         raise ValueError(f"the run has no {base} results")
-    key = COMPARISONS[suffix] or "rows"
+    key = COMPARISONS[suffix]
     if key not in run:
         raise ValueError(f"the run has no {key} (rerun benchmarks/faithfulness.py)")
     rows = {(r["protocol"], r["method"]): r for r in run[key]}
