@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from captum.attr import Attribution
 from torch import nn
 
-from .._validation import TargetType, check_inputs, check_target
+from .._validation import TargetType, check_choice, check_inputs, check_target
 from ..adapters import UnsupportedModelError
 from ..anatomy import ViTAnatomy
 from ..classes import class_index
@@ -31,9 +31,41 @@ ANATOMY_ARGUMENTS = ("blocks", "norm", "head", "num_prefix_tokens", "patch_size"
 """Constructor keywords that describe a custom model (see ``ViTAnatomy.from_model``)."""
 
 
-def upsample_maps(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinearly upsample (B, K, h, w) patch maps to (B, K, H, W) (``align_corners=False``)."""
-    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+UPSAMPLE_MODES = ("bilinear", "nearest")
+"""How patch maps become pixel maps: ``"bilinear"`` (``align_corners=False``, as Chefer et
+al.'s code) or ``"nearest"`` (every pixel takes its patch's value: patch-aligned)."""
+
+
+def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+    """Upsample (B, K, h, w) patch maps to (B, K, H, W).
+
+    Bilinear interpolation is computed in float64 and rounded to the maps' dtype (float32
+    kernels give pixels of mathematically equal value, e.g. the clamped border rows, values
+    that differ in the last bit, and which of them wins then depends on float noise of the
+    map; in float64 they round to one value). Devices without float64 (MPS) interpolate in
+    the maps' dtype.
+
+    Args:
+        maps: (B, K, h, w) floating-point maps.
+        size: Output (H, W).
+        mode: One of :data:`UPSAMPLE_MODES`.
+
+    Returns:
+        (B, K, H, W) maps of the input's dtype.
+
+    Example:
+        >>> patches = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+        >>> upsample_maps(patches, (4, 4))[0, 0, 0]
+        tensor([0.0000, 0.2500, 0.7500, 1.0000])
+        >>> upsample_maps(patches, (4, 4), "nearest")[0, 0, 0]
+        tensor([0., 0., 1., 1.])
+    """
+    check_choice("mode", mode, UPSAMPLE_MODES)
+    if mode == "nearest":
+        return F.interpolate(maps, size=tuple(size), mode="nearest")
+    exact = maps if maps.device.type == "mps" else maps.double()
+    up = F.interpolate(exact, size=tuple(size), mode="bilinear", align_corners=False)
+    return up.to(maps.dtype)
 
 
 def tokens_to_grid(values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
