@@ -11,7 +11,9 @@ Example:
     ['random', 'sobel', 'intensity']
 """
 
+from . import analysis
 from .adapters import UnsupportedModelError
+from .analysis import Identifiability, class_identifiability
 from .anatomy import ViTAnatomy
 from .methods import (
     AttentionRollout,
@@ -28,7 +30,7 @@ from .methods import (
     list_methods,
     register_method,
 )
-from .projection import Identifiability, class_identifiability, token_scores
+from .projection import token_scores
 
 __version__ = "0.1.0"
 
@@ -46,6 +48,7 @@ __all__ = [
     "SobelSaliency",
     "UnsupportedModelError",
     "ViTAnatomy",
+    "analysis",
     "class_identifiability",
     "create_method",
     "list_methods",

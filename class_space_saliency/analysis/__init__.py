@@ -1,0 +1,33 @@
+"""The paper's analyses of how a ViT builds its classes, as a library.
+
+Every analysis takes ``model`` and ``data`` (a tensor batch, an ``(images, labels[, masks])``
+tuple, a dataset or any iterable of such batches, e.g. a ``DataLoader``; see
+:mod:`._stream`), accumulates batch by batch in bounded memory, and returns a result with
+``to_dict()`` (JSON-safe), ``table()`` (markdown) and ``plot()`` (matplotlib).
+
+Example:
+    >>> from class_space_saliency import analysis
+    >>> result = analysis.identifiability(model, (images, labels), components="residual")
+    >>> result["residual"].token_rate.shape  # one identifiability rate per block
+    torch.Size([3])
+"""
+
+from ._result import AnalysisResult
+from ._stream import Batch, RankHistogram, stream
+from .identifiability import (
+    Identifiability,
+    IdentifiabilityResult,
+    class_identifiability,
+    identifiability,
+)
+
+__all__ = [
+    "AnalysisResult",
+    "Batch",
+    "Identifiability",
+    "IdentifiabilityResult",
+    "RankHistogram",
+    "class_identifiability",
+    "identifiability",
+    "stream",
+]
