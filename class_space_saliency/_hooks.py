@@ -12,18 +12,37 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .adapters import UnsupportedModelError
 
-if TYPE_CHECKING:
-    from .anatomy import ViTAnatomy
-
 Reduce = Callable[[str, int, torch.Tensor], torch.Tensor]
 """``f(component, block, tokens) -> tensor``, applied inside a token hook."""
+
+
+class HookTargets(Protocol):
+    """What the hooks need to know of a model: :class:`~.anatomy.ViTAnatomy` provides it.
+
+    (A protocol rather than an import: the anatomy uses these hooks, so this module must not
+    import it.)
+    """
+
+    model: nn.Module
+    modules: tuple[nn.Module, ...]
+    layer_scales: dict[str, list[torch.Tensor | None]] | None
+    attention_modules: list[nn.Module] | None
+    attention_kind: str
+    attention_reason: str | None
+
+    @property
+    def depth(self) -> int: ...
+
+    def resolve_layers(self, layer: int | Sequence[int] | str) -> list[int]: ...
+
+    def branch_module(self, component: str, block: int) -> nn.Module: ...
 
 
 @dataclass
@@ -44,7 +63,7 @@ class Capture:
 
 @contextlib.contextmanager
 def capture(
-    anatomy: ViTAnatomy,
+    anatomy: HookTargets,
     components: Sequence[tuple[str, int]] = (),
     attention: Sequence[int] = (),
     reduce: Reduce | None = None,

@@ -1,4 +1,5 @@
-"""The Captum-style base every saliency method derives from, and the options base.
+"""The Captum-style base every saliency method derives from, the options base, and the
+metadata the registry keeps of each method (:class:`MethodInfo`).
 
 A method is a :class:`SaliencyMethod` subclass with an ``Options`` dataclass (its settings,
 declared once) and a ``_attribute`` hook (its computation on one validated chunk). The
@@ -11,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, final
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, final
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +26,6 @@ from ..adapters import UnsupportedModelError
 from ..anatomy import ViTAnatomy
 from ..classes import class_index
 from ._attention import check_attention_support
-
-if TYPE_CHECKING:
-    from .registry import MethodInfo
 
 ANATOMY_ARGUMENTS = ("blocks", "norm", "head", "num_prefix_tokens", "patch_size", "img_size")
 """Constructor keywords that describe a custom model (see ``ViTAnatomy.from_model``)."""
@@ -441,3 +441,64 @@ def _final_for_captum(attribute: Any) -> Any:
 
 
 SaliencyMethod.attribute = _final_for_captum(SaliencyMethod.attribute)
+
+
+FLAGS = ("needs_gradients", "class_specific", "needs_attention", "needs_cls", "model_agnostic")
+"""The boolean fields of :class:`MethodInfo`, each a filter of :func:`list_methods`."""
+
+COSTS = ("no model pass", "forward only", "forward + backward")
+"""What one call costs, coarsely (``MethodInfo.cost``)."""
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What code needs to know about a registered method.
+
+    Attributes:
+        name: The registry name.
+        method: The :class:`~.base.SaliencyMethod` subclass.
+        needs_gradients: Takes gradients (a backward pass); the others run under
+            ``torch.no_grad()`` unless asked for a graph.
+        class_specific: The map depends on ``target``; class-agnostic methods validate
+            the target and otherwise ignore it.
+        needs_attention: Reads post-softmax attention probabilities (differentiable ones
+            where it also needs gradients); checked when the method is built.
+        needs_cls: Needs a [CLS] token that the head reads; checked when it is built.
+        model_agnostic: Never runs the model (controls); works on any image classifier.
+        fixed_options: Options a named variant fixes (empty for a registered method).
+        variant_of: The registered method a variant builds, else ``None``.
+    """
+
+    name: str
+    method: type[SaliencyMethod]
+    needs_gradients: bool = False
+    class_specific: bool = True
+    needs_attention: bool = False
+    needs_cls: bool = False
+    model_agnostic: bool = False
+    fixed_options: Mapping[str, Any] = field(default_factory=dict)
+    variant_of: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"a method name must be an identifier, got {self.name!r}")
+        if not (isinstance(self.method, type) and issubclass(self.method, SaliencyMethod)):
+            raise TypeError(f"{self.name!r} must be a SaliencyMethod subclass, got {self.method}")
+        for flag in FLAGS:
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.model_agnostic and (self.needs_gradients or self.needs_attention):
+            raise ValueError(f"{self.name!r}: a model-agnostic method cannot need the model")
+        object.__setattr__(self, "fixed_options", MappingProxyType(dict(self.fixed_options)))
+
+    @property
+    def cost(self) -> str:
+        """One of :data:`COSTS`, from the flags."""
+        if self.model_agnostic:
+            return COSTS[0]
+        return COSTS[2] if self.needs_gradients else COSTS[1]
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The option names the method takes (its ``Options`` fields), in order."""
+        return self.method._option_order
