@@ -452,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import add_benchmark_command
 
     add_benchmark_command(commands)
+
+    from .analysis.cli import add_analyze_command
+
+    add_analyze_command(commands, HelpFormatter)
     return parser
 
 

@@ -30,7 +30,8 @@ def test_every_learned_tensor_is_redrawn_and_the_model_is_kept(family, shared_mo
         constant = bool((fresh == fresh.flatten()[0]).all())
         assert constant or not torch.equal(learned, fresh), name
     again = untrained_copy(model, seed=3)
-    assert all(torch.equal(a, b) for a, b in zip(twin.parameters(), again.parameters()))
+    pairs = zip(twin.parameters(), again.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_untrained_copy_rejects_non_modules():

@@ -20,14 +20,19 @@ from .identifiability import (
     class_identifiability,
     identifiability,
 )
+from .report import ANALYSES, AnalysisReport, AnalysisSpec, run_analyses
 
 __all__ = [
+    "ANALYSES",
+    "AnalysisReport",
     "AnalysisResult",
+    "AnalysisSpec",
     "Batch",
     "Identifiability",
     "IdentifiabilityResult",
     "RankHistogram",
     "class_identifiability",
     "identifiability",
+    "run_analyses",
     "stream",
 ]
