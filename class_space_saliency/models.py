@@ -13,7 +13,7 @@ from torch import nn
 
 from .classes import imagenet_class_names, read_class_names
 from .clip import zero_shot_clip  # noqa: F401  (re-exported: models.zero_shot_clip)
-from .preprocessing import Preprocessing  # also importable as models.Preprocessing
+from .preprocessing import Preprocessing, timm_preprocessing  # also models.Preprocessing
 
 ASSETS = Path(__file__).parent / "assets"
 #: The embedded models by name: their JSON config (weights next to it, ``.safetensors``).
@@ -179,13 +179,14 @@ def load_model(
     config = timm.data.resolve_data_config({}, model=model)
     if class_names is None and getattr(model, "num_classes", None) == 1000:
         class_names = imagenet_class_names()
-    preprocessing = Preprocessing(
-        mean=tuple(config["mean"]),
-        std=tuple(config["std"]),
-        input_size=tuple(config["input_size"]),
+    preprocessing = timm_preprocessing(
+        config["input_size"],
+        config["mean"],
+        config["std"],
+        crop_pct=config["crop_pct"],
+        crop_mode=config.get("crop_mode") or "center",
+        interpolation=config["interpolation"],
         class_names=class_names,
-        transform=timm.data.create_transform(**config),
-        crop_pct=config.get("crop_pct") if config.get("crop_mode", "center") == "center" else None,
     )
     return model.to(device).eval(), preprocessing
 

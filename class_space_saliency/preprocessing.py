@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -16,15 +17,21 @@ from PIL import Image
 
 from .classes import class_index
 
+CROP_MODES = ("center", "squash", "border")
+"""timm's evaluation crop modes: the shorter side fills the crop's scale size and the centre is
+cropped (``center``); each side is resized to its scale size, aspect ratio lost, then the centre
+is cropped (``squash``); the longer side fits and the rest is padded (``border``)."""
+
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a model wants its images: size, normalisation and class names.
+    """How a model wants its images: size, crop, normalisation and class names.
 
     Calling it turns a PIL image, a uint8/float array or a [0, 1] tensor into the model's
     normalised (C, H, W) float tensor. Without a ``transform``, images are converted to the
     model's channel count (grey replicated to RGB, RGB averaged to grey) and resized to the
-    input size (bilinear, whole image, no crop).
+    input size (bilinear, whole image, no crop). :meth:`crop_box` tells which region of an
+    image the model sees, and :meth:`resize_mask` maps an object mask onto the model input.
 
     Attributes:
         mean: Per-channel mean of the normalisation.
@@ -32,9 +39,12 @@ class Preprocessing:
         input_size: (C, H, W) the model expects.
         class_names: Names of the classes, where known.
         transform: Optional PIL -> tensor transform (timm's eval transform) used instead.
-        crop_pct: With ``transform``: timm's centre-crop fraction (the shorter side is
-            resized to ``H / crop_pct``, then the centre (H, W) is cropped); ``None`` for a
-            transform that keeps the whole image.
+        crop_pct: With ``transform``: timm's crop fraction (the image is resized so that the
+            crop's scale size is ``floor(H / crop_pct)``, then the centre (H, W) is cropped);
+            ``None`` for a transform that keeps the whole image.
+        crop_mode: With ``crop_pct``: how timm resizes before the crop, one of
+            :data:`CROP_MODES` (``"center"``: the shorter side to the scale size; ``"squash"``:
+            both sides to it, aspect ratio lost; ``"border"``: the longer side to it, padded).
     """
 
     mean: tuple[float, ...]
@@ -43,6 +53,13 @@ class Preprocessing:
     class_names: tuple[str, ...] | None = None
     transform: Callable | None = None
     crop_pct: float | None = None
+    crop_mode: str = "center"
+
+    def __post_init__(self) -> None:
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1] or None, got {self.crop_pct!r}")
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images (..., C, H, W) -> normalised model inputs."""
@@ -69,21 +86,78 @@ class Preprocessing:
 
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The region ``(left, top, right, bottom)`` of a ``width`` x ``height`` image that
-        the model sees after preprocessing (the whole image unless a centre crop is used).
+        the model sees after preprocessing (the whole image unless a crop is used; beyond the
+        image where ``"border"`` mode pads).
 
         Example:
             >>> prep = Preprocessing((0.5,) * 3, (0.5,) * 3, (3, 224, 224),
             ...                      transform=lambda image: image, crop_pct=0.875)  # timm's
             >>> prep.crop_box(640, 480)  # shorter side to 256, then the centre 224 x 224
             (110.0, 30.0, 530.0, 450.0)
+            >>> squash = Preprocessing((0.5,) * 3, (0.5,) * 3, (3, 224, 224),  # to 256 x 256
+            ...                        transform=lambda image: image, crop_pct=0.875,
+            ...                        crop_mode="squash")
+            >>> squash.crop_box(640, 480)
+            (40.0, 30.0, 600.0, 450.0)
         """
+        return tuple(float(value) for value in self._box(width, height))
+
+    def _box(self, width: int, height: int) -> tuple[Fraction, Fraction, Fraction, Fraction]:
+        """:meth:`crop_box` in exact fractions (whole-image boxes have integer corners)."""
         if self.transform is None or self.crop_pct is None:
-            return (0.0, 0.0, float(width), float(height))
+            return (Fraction(0), Fraction(0), Fraction(width), Fraction(height))
         _, crop_h, crop_w = self.input_size
-        scale = math.floor(min(crop_h, crop_w) / self.crop_pct) / min(width, height)
-        box_w, box_h = crop_w / scale, crop_h / scale
+        scale_h = Fraction(math.floor(crop_h / self.crop_pct), height)
+        scale_w = Fraction(math.floor(crop_w / self.crop_pct), width)
+        if self.crop_mode != "squash":  # one scale: the shorter side fills, or the longer fits
+            scale_h = scale_w = (max if self.crop_mode == "center" else min)(scale_h, scale_w)
+        box_w, box_h = crop_w / scale_w, crop_h / scale_h
         left, top = (width - box_w) / 2, (height - box_h) / 2
         return (left, top, left + box_w, top + box_h)
+
+    def resize_mask(self, mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """An object mask of the original image, mapped onto the model input.
+
+        Nearest neighbour over the region :meth:`crop_box` keeps: input pixel ``(i, j)``
+        takes the mask at row ``floor(top + i * box_h / H)`` and column
+        ``floor(left + j * box_w / W)``, in exact arithmetic (pixels beyond the image, the
+        padding of ``"border"`` mode, are False). This is the top-left-aligned neighbour of
+        OpenCV's ``INTER_NEAREST`` and torch's ``mode="nearest"``; for a whole-image resize it
+        is row ``i * h // H`` (OpenCV computes the same in floating point, so it picks the row
+        before where ``i * h / H`` is a whole number that rounds down).
+
+        Args:
+            mask: (h, w) or (1, h, w) of the original image, bool or 0/1.
+
+        Returns:
+            (1, H, W) bool tensor at the model's input size.
+
+        Raises:
+            ValueError: For a mask that is not 2-D (or 1 x h x w).
+
+        Example:
+            >>> prep = Preprocessing((0.5,) * 3, (0.5,) * 3, (3, 4, 4))
+            >>> mask = torch.zeros(2, 8, dtype=torch.bool)
+            >>> mask[:, :2] = True  # the left quarter
+            >>> prep.resize_mask(mask)[0].int()
+            tensor([[1, 0, 0, 0],
+                    [1, 0, 0, 0],
+                    [1, 0, 0, 0],
+                    [1, 0, 0, 0]], dtype=torch.int32)
+        """
+        mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+        if mask.dim() == 3 and mask.shape[0] == 1:
+            mask = mask[0]
+        if mask.dim() != 2:
+            raise ValueError(f"mask must be (h, w) or (1, h, w), got shape {tuple(mask.shape)}")
+        height, width = mask.shape
+        left, top, right, bottom = self._box(width, height)
+        _, out_h, out_w = self.input_size
+        rows = _nearest_sources(top, bottom - top, out_h)
+        cols = _nearest_sources(left, right - left, out_w)
+        inside = ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))
+        picked = mask.bool().cpu()[rows.clamp(0, height - 1)][:, cols.clamp(0, width - 1)]
+        return (picked & inside)[None]
 
     def class_name(self, index: int) -> str:
         """Name of class ``index`` (its number where names are unknown)."""
@@ -121,3 +195,55 @@ def _to_pil(image: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     return Image.fromarray(array)
+
+
+def _nearest_sources(start: Fraction, length: Fraction, count: int) -> torch.Tensor:
+    """Source index ``floor(start + i * length / count)`` of each of ``count`` outputs."""
+    return torch.tensor([math.floor(start + i * length / count) for i in range(count)])
+
+
+def timm_preprocessing(
+    input_size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    crop_pct: float,
+    crop_mode: str = "center",
+    interpolation: str = "bilinear",
+    class_names: Sequence[str] | None = None,
+) -> Preprocessing:
+    """timm's evaluation transform (resize, centre crop, normalise) as a :class:`Preprocessing`.
+
+    Args:
+        input_size: (C, H, W) of the model.
+        mean: Per-channel mean of the normalisation.
+        std: Per-channel standard deviation.
+        crop_pct: Crop fraction; 1.0 with ``crop_mode="squash"`` resizes the whole image to
+            (H, W) without cropping.
+        crop_mode: One of :data:`CROP_MODES`.
+        interpolation: ``"bilinear"``, ``"bicubic"``, ``"nearest"``, ...
+        class_names: Names of the classes, where known.
+
+    Returns:
+        The preprocessing, whose :meth:`~Preprocessing.crop_box` and
+        :meth:`~Preprocessing.resize_mask` follow the same geometry.
+
+    Example:
+        >>> prep = timm_preprocessing((3, 224, 224), (0.5,) * 3, (0.5,) * 3, crop_pct=0.875)
+        >>> prep(Image.new("RGB", (640, 480))).shape, prep.crop_box(640, 480)
+        (torch.Size([3, 224, 224]), (110.0, 30.0, 530.0, 450.0))
+    """
+    from timm.data import create_transform
+
+    transform = create_transform(
+        input_size=tuple(input_size),
+        interpolation=interpolation,
+        crop_pct=crop_pct,
+        crop_mode=crop_mode,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+    names = None if class_names is None else tuple(class_names)
+    return Preprocessing(
+        tuple(mean), tuple(std), tuple(input_size), names, transform, crop_pct, crop_mode
+    )
