@@ -130,9 +130,10 @@ def load_model(
         class_names: Names of the classes in index order, or a text file with one per line.
         prompts: For ``open_clip:`` models: the text prompts that are the classes.
             Default: the ImageNet names for a 1000-class timm model, else none (numbers).
-        preprocessing: One of :data:`PREPROCESSINGS`: ``"model"`` (the default, except for
-            ``paper:`` models: the library's own eval transform) or ``"paper"`` (the official
-            code's, for ``paper:`` models and timm names of the paper's architectures).
+        preprocessing: One of :data:`PREPROCESSINGS`: ``"model"``, the model library's own
+            eval transform (timm's data config), or ``"paper"``, the official code's (for
+            ``paper:`` models and timm names of the paper's architectures). Default:
+            ``"paper"`` for ``paper:`` models, else ``"model"``.
 
     Returns:
         ``(model in eval mode, Preprocessing)``.
