@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .models import ASSETS, DEFAULT_MODEL, Preprocessing, embedded_preprocessing
+from .models import ASSETS, DEFAULT_MODEL, embedded_preprocessing
+from .preprocessing import Preprocessing
 
 #: The embedded evaluation sets: the first 1,000 test images of each, with labels (and masks).
 EVAL_SETS = {

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .preprocessing import Preprocessing
+
 
 def load_hf(name: str, device: str | torch.device = "cpu"):
     """Load a Hugging Face image classifier and its preprocessing from the hub.
@@ -33,8 +35,6 @@ def load_hf(name: str, device: str | torch.device = "cpu"):
         >>> # (skipped: downloads the model from the Hugging Face hub)
         >>> model, prep = load_hf("facebook/deit-tiny-patch16-224")  # doctest: +SKIP
     """
-    from .models import Preprocessing
-
     try:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
     except ImportError as error:
@@ -95,7 +95,6 @@ def load_open_clip(
         ...     "ViT-B-32:openai", ["a photo of a cat", "a dog"])
     """
     from .clip import zero_shot_clip
-    from .models import Preprocessing
 
     try:
         import open_clip
