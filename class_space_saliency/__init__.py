@@ -15,10 +15,12 @@ from . import analysis
 from .adapters import UnsupportedModelError
 from .analysis import Identifiability, class_identifiability
 from .anatomy import ViTAnatomy
+from .decomposition import Decomposition, decompose
 from .methods import (
     AttentionRollout,
     CheferRollout,
     ClassSpaceAttentionGradient,
+    ClassSpaceContributions,
     ClassSpaceSaliency,
     GradCAM,
     IntensitySaliency,
@@ -38,7 +40,9 @@ __all__ = [
     "AttentionRollout",
     "CheferRollout",
     "ClassSpaceAttentionGradient",
+    "ClassSpaceContributions",
     "ClassSpaceSaliency",
+    "Decomposition",
     "GradCAM",
     "Identifiability",
     "IntensitySaliency",
@@ -51,6 +55,7 @@ __all__ = [
     "analysis",
     "class_identifiability",
     "create_method",
+    "decompose",
     "list_methods",
     "register_method",
     "token_scores",

@@ -1,7 +1,7 @@
 """Every forward hook of the package: what is recorded, and the guarantee that it comes off.
 
-:func:`capture` records token states and attention probabilities during one forward pass
-(:meth:`~class_space_saliency.anatomy.ViTAnatomy.capture` is its public face);
+:func:`capture` records token states, attention probabilities and module inputs during one
+forward pass (:meth:`~class_space_saliency.anatomy.ViTAnatomy.capture` is its public face);
 :func:`forward_hook` installs one output-rewriting hook for the length of a ``with`` block
 (Grad-CAM's token grid). On exit, also on an exception or a ``KeyboardInterrupt``, every hook
 is removed and every ``training`` and attention flag that was switched is restored.
@@ -20,7 +20,13 @@ from torch import nn
 from .adapters import UnsupportedModelError
 
 Reduce = Callable[[str, int, torch.Tensor], torch.Tensor]
-"""``f(component, block, tokens) -> tensor``, applied inside a token hook."""
+"""``f(kind, block, tensor) -> tensor``, applied inside a hook; ``kind`` is the component for
+token states, ``"block_input"`` / ``"attention_input"`` for inputs (see :data:`INPUT_SITES`)
+and ``"probabilities"`` for attention probabilities."""
+
+INPUT_SITES = ("block", "attention")
+"""Modules whose input :func:`capture` can record: a block (its incoming residual stream; block
+0's is the embedding) and a block's attention module (the normalised tokens it attends over)."""
 
 
 class HookTargets(Protocol):
@@ -32,6 +38,7 @@ class HookTargets(Protocol):
 
     model: nn.Module
     modules: tuple[nn.Module, ...]
+    blocks: list[nn.Module]
     layer_scales: dict[str, list[torch.Tensor | None]] | None
     attention_modules: list[nn.Module] | None
     attention_kind: str
@@ -53,11 +60,15 @@ class Capture:
         tokens: ``{(component, block): tensor}``; each tensor is (B, N, D) unless a
             ``reduce`` function was given to :func:`capture`, then its output.
         attention: ``{block: (B, heads, N, N)}`` post-softmax attention probabilities.
+        inputs: ``{(site, block): (B, N, D)}`` module inputs (see :data:`INPUT_SITES`).
         output: The model's own output (logits) for the batch.
+
+    Every tensor is the ``reduce`` function's output where :func:`capture` was given one.
     """
 
     tokens: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     output: torch.Tensor | None = None
 
 
@@ -67,8 +78,9 @@ def capture(
     components: Sequence[tuple[str, int]] = (),
     attention: Sequence[int] = (),
     reduce: Reduce | None = None,
+    inputs: Sequence[tuple[str, int]] = (),
 ) -> Iterator[Capture]:
-    """Record token states and attention probabilities during the next forward pass.
+    """Record token states, attention probabilities and module inputs in the next forward pass.
 
     Inside the context the model is in eval mode and fused attention is off (timm
     ``fused_attn``, Hugging Face ``config._attn_implementation``) where attention is
@@ -79,8 +91,10 @@ def capture(
         anatomy: The model's anatomy (which modules to hook).
         components: ``(component, block)`` pairs to record.
         attention: Blocks whose post-softmax attention probabilities to record.
-        reduce: Optional ``f(component, block, tokens) -> tensor`` applied inside the
-            hook so that only its (smaller) result is kept.
+        reduce: Optional ``f(kind, block, tensor) -> tensor`` (see :data:`Reduce`) applied
+            inside the hook so that only its (smaller) result is kept.
+        inputs: ``(site, block)`` pairs whose module input to record (see
+            :data:`INPUT_SITES`).
 
     Yields:
         A :class:`Capture`, filled by the forward pass run inside the context.
@@ -94,13 +108,19 @@ def capture(
     switched: list[tuple[Any, str, Any]] = []
     try:
         for component, block in components:
-            if type(block) is not int or not 0 <= block < anatomy.depth:
-                block = anatomy.resolve_layers(block)[0]
+            block = _block_index(anatomy, block)
             scales = (anatomy.layer_scales or {}).get(component)
             scale = None if scales is None else scales[block]
             handles.append(
                 anatomy.branch_module(component, block).register_forward_hook(
                     _token_hook(result, component, block, reduce, scale)
+                )
+            )
+        for site, block in inputs:
+            block = _block_index(anatomy, block)
+            handles.append(
+                _input_module(anatomy, site, block).register_forward_pre_hook(
+                    _input_hook(result, site, block, reduce), with_kwargs=True
                 )
             )
         if attention:
@@ -113,7 +133,9 @@ def capture(
             for block in anatomy.resolve_layers(list(attention)):
                 module = anatomy.attention_modules[block]
                 handles.extend(
-                    _attention_hooks(anatomy.attention_kind, module, block, result, switched)
+                    _attention_hooks(
+                        anatomy.attention_kind, module, block, result, switched, reduce
+                    )
                 )
         if training:
             anatomy.model.eval()
@@ -167,8 +189,53 @@ def _token_hook(
     return hook
 
 
+def _block_index(anatomy: HookTargets, block: int) -> int:
+    """``block`` as an index from 0 (negative indices count from the last block)."""
+    if type(block) is not int or not 0 <= block < anatomy.depth:
+        return anatomy.resolve_layers(block)[0]
+    return block
+
+
+def _input_module(anatomy: HookTargets, site: str, block: int) -> nn.Module:
+    """The module whose input ``(site, block)`` names."""
+    if site not in INPUT_SITES:
+        raise ValueError(f"input site must be one of {INPUT_SITES}, got {site!r}")
+    if site == "block":
+        return anatomy.blocks[block]
+    if anatomy.attention_modules is None or anatomy.attention_modules[block] is None:
+        raise ValueError(
+            f"the attention input of {type(anatomy.model).__name__} cannot be captured: "
+            f"{anatomy.attention_reason or 'no supported attention modules found'}"
+        )
+    return anatomy.attention_modules[block]
+
+
+INPUT_KEYWORDS = ("hidden_states", "x", "query", "q_x")
+"""Keyword names under which blocks and attention modules take their token input."""
+
+
+def _input_hook(result: Capture, site: str, block: int, reduce: Reduce | None) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        named = (kwargs[k] for k in INPUT_KEYWORDS if k in kwargs)
+        tokens = args[0] if args else next(named, None)
+        if not isinstance(tokens, torch.Tensor):
+            raise UnsupportedModelError(
+                f"{type(module).__name__} takes no token tensor as its first argument or as "
+                f"one of {INPUT_KEYWORDS}"
+            )
+        kind = f"{site}_input"
+        result.inputs[(site, block)] = tokens if reduce is None else reduce(kind, block, tokens)
+
+    return hook
+
+
 def _attention_hooks(
-    kind: str, module: nn.Module, block: int, result: Capture, switched: list
+    kind: str,
+    module: nn.Module,
+    block: int,
+    result: Capture,
+    switched: list,
+    reduce: Reduce | None = None,
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """Hooks that record (B, heads, N, N) probabilities of one attention module.
 
@@ -178,7 +245,9 @@ def _attention_hooks(
     """
 
     def store(tensor: torch.Tensor) -> None:
-        result.attention[block] = tensor
+        result.attention[block] = (
+            tensor if reduce is None else reduce("probabilities", block, tensor)
+        )
 
     if kind == "mha":  # torchvision: ask MHA for per-head weights
 

@@ -307,8 +307,9 @@ class ViTAnatomy:
         components: Sequence[tuple[str, int]] = (),
         attention: Sequence[int] = (),
         reduce: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None,
+        inputs: Sequence[tuple[str, int]] = (),
     ) -> Iterator[Capture]:
-        """Record token states and attention probabilities during the next forward pass.
+        """Record token states, attention probabilities and module inputs in the next forward.
 
         Inside the context the model is in eval mode and fused attention is off (timm
         ``fused_attn``, Hugging Face ``config._attn_implementation``) where attention is
@@ -318,8 +319,13 @@ class ViTAnatomy:
         Args:
             components: ``(component, block)`` pairs to record.
             attention: Blocks whose post-softmax attention probabilities to record.
-            reduce: Optional ``f(component, block, tokens) -> tensor`` applied inside the
-                hook so that only its (smaller) result is kept.
+            reduce: Optional ``f(kind, block, tensor) -> tensor`` applied inside the hook so
+                that only its (smaller) result is kept; ``kind`` is the component for token
+                states, ``"probabilities"`` for attention and ``"block_input"`` /
+                ``"attention_input"`` for inputs.
+            inputs: ``(site, block)`` pairs whose module input to record: ``"block"`` (the
+                residual stream entering the block; block 0's is the embedding) or
+                ``"attention"`` (the normalised tokens the attention module reads).
 
         Yields:
             A :class:`Capture`, filled by the forward pass run inside the context.
@@ -331,7 +337,7 @@ class ViTAnatomy:
             >>> cap.tokens[("residual", anatomy.depth - 1)].shape  # (B, N, D)
             torch.Size([3, 17, 32])
         """
-        with _hooks.capture(self, components, attention, reduce) as result:
+        with _hooks.capture(self, components, attention, reduce, inputs) as result:
             yield result
 
 

@@ -158,6 +158,7 @@ def test_cost_is_derived_from_the_flags():
 def test_filters_combine_and_variants_follow_their_method():
     assert list_methods(needs_gradients=False, model_agnostic=False, variants=False) == [
         "class_space",
+        "class_space_contributions",
         "rollout",
         "raw_attention",
     ]

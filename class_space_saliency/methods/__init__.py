@@ -14,6 +14,7 @@ from __future__ import annotations
 from .base import MethodOptions, SaliencyMethod
 from .class_space import ClassSpaceOptions, ClassSpaceSaliency
 from .class_space_gradient import ClassSpaceAttentionGradient, ClassSpaceGradientOptions
+from .class_space_contributions import ClassSpaceContributions, ClassSpaceContributionsOptions
 from .gradcam import GradCAM, GradCAMOptions
 from .rollout import AttentionRollout, RolloutOptions
 from .chefer import CheferRollout
@@ -45,6 +46,8 @@ __all__ = [
     "AttentionRollout",
     "CheferRollout",
     "ClassSpaceAttentionGradient",
+    "ClassSpaceContributions",
+    "ClassSpaceContributionsOptions",
     "ClassSpaceGradientOptions",
     "ClassSpaceOptions",
     "ClassSpaceSaliency",

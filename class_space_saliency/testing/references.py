@@ -437,3 +437,93 @@ def sobel_by_hand(images: torch.Tensor, patch: int | tuple[int, int]) -> torch.T
     padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
     gx, gy = F.conv2d(padded, kx[None, None]), F.conv2d(padded, kx.T[None, None])
     return F.avg_pool2d((gx**2 + gy**2).sqrt(), patch)
+
+
+def frozen_norm_gradient(
+    norm: nn.Module, head: nn.Module, state: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """d head(norm(state))[target] / d state with the LayerNorm's scale held constant.
+
+    Autograd through ``(state - mean) / sigma.detach() * weight + bias`` (the norm's scale
+    frozen at ``state``), then ``head``.
+
+    Args:
+        norm: an ``nn.LayerNorm`` (or ``nn.Identity``).
+        head: the linear head.
+        state: the read state (B, D).
+        target: (B,) class indices.
+
+    Returns:
+        (B, D) the gradient, one row per example.
+    """
+    with torch.enable_grad():
+        leaf = state.detach().requires_grad_(True)
+        normed = leaf
+        if isinstance(norm, nn.LayerNorm):
+            sigma = (leaf.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt().detach()
+            normed = (leaf - leaf.mean(-1, keepdim=True)) / sigma * norm.weight + norm.bias
+        logits = head(normed)
+        picked = logits[torch.arange(len(target)), target].sum()
+        (grad,) = torch.autograd.grad(picked, leaf)
+    return grad
+
+
+def direct_terms_by_hand(
+    model: nn.Module, images: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """The direct term of every (block, head, source token) in the target logit, by hand.
+
+    For a timm ViT / DeiT / BEiT / EVA-02 with pre-norm blocks: each read state ([CLS];
+    DeiT distilled: [CLS] and the distillation token, each head weighted 1/2; pooled models:
+    the mean of the image tokens, normalised by ``fc_norm``) gets the gradient of the target
+    logit with its final norm's scale frozen (:func:`frozen_norm_gradient`); the term of
+    head ``h`` and token ``j`` in block ``l`` is the read state's attention on ``j`` times
+    ``<gradient, layer scale * W_O^h v_j^h>``, summed over read states.
+
+    Args:
+        model: the ViT.
+        images: (B, 3, H, W).
+        target: (B,) class indices.
+
+    Returns:
+        (B, blocks, heads, tokens).
+    """
+    x, rope = embed_by_hand(model, images)
+    npt = model.num_prefix_tokens
+    probs, vectors = [], []
+    for block in model.blocks:
+        states = block_by_hand(block, x, rope, npt)
+        attn = block.attn
+        bias = attn.qkv.bias
+        if getattr(attn, "v_bias", None) is not None:  # BEiT / EVA: separate q and v biases
+            bias = torch.cat([attn.q_bias, attn.k_bias, attn.v_bias])
+        b, n, d = states.normed.shape
+        qkv = F.linear(states.normed, attn.qkv.weight, bias).reshape(b, n, 3, attn.num_heads, -1)
+        values = qkv[:, :, 2]  # (B, N, H, d)
+        per_head = attn.proj.weight.reshape(d, attn.num_heads, -1)  # (D, H, d)
+        written = torch.einsum("bnhk,ehk->bhne", values, per_head)  # W_O^h v_j: (B, H, N, D)
+        vectors.append(_layer_scaled(block, 1, written))
+        probs.append(states.probs)
+        x = states.output
+    if model.global_pool == "avg":
+        rows = torch.zeros(x.shape[1])
+        rows[npt:] = 1 / (x.shape[1] - npt)
+        reads = [(rows, model.fc_norm, model.head, 1.0)]
+    else:
+        heads = [model.head, *([model.head_dist] if hasattr(model, "head_dist") else [])]
+        reads = [
+            (F.one_hot(torch.tensor(i), x.shape[1]).float(), model.norm, head, 1 / len(heads))
+            for i, head in enumerate(heads)
+        ]
+    terms = 0
+    for rows, norm, head, share in reads:
+        grad = share * frozen_norm_gradient(norm, head, rows @ x, target)  # (B, D)
+        read_probs = [torch.einsum("i,bhij->bhj", rows, p) for p in probs]  # (B, H, N)
+        terms = terms + torch.stack(
+            [
+                p * (v @ grad[:, None, :, None]).squeeze(-1)
+                for p, v in zip(read_probs, vectors, strict=True)
+            ],
+            1,
+        )
+    return terms
