@@ -92,10 +92,13 @@ class Identifiability:
         token_rank: Mean normalised rank of the label over image tokens and images (L,).
         token_rate: Identifiability rate in % (L,): per image, the share of image tokens whose
             top-1 class is the label, averaged over images.
-        cls_rank: Mean normalised rank of the label for the [CLS] token (L,), or ``None``
-            where the head reads no [CLS] (pooled models, also those that keep a [CLS] or
-            registers).
-        cls_rate: % of images whose [CLS] token's top-1 class is the label (L,), or ``None``.
+        cls_rank: Mean normalised rank of the label for the [CLS] token (L,), ``NaN`` at
+            blocks whose tokens do not hold the [CLS] yet (ConViT before
+            ``local_up_to_layer``); ``None`` where no analysed block holds a [CLS] that the
+            head reads (pooled models, also those that keep a [CLS] or registers; CaiT and
+            XCiT, whose [CLS] joins after the blocks).
+        cls_rate: % of images whose [CLS] token's top-1 class is the label (L,), with
+            ``NaN`` and ``None`` as ``cls_rank``.
         num_images: Images the figures average over.
         component: Which token state was projected.
     """
@@ -111,8 +114,10 @@ class Identifiability:
     def to_dict(self) -> dict:
         """Plain-Python view (lists of floats) for JSON."""
 
-        def values(t: torch.Tensor | None) -> list[float] | None:
-            return None if t is None else [round(float(v), 6) for v in t]
+        def values(t: torch.Tensor | None) -> list[float | None] | None:
+            if t is None:
+                return None
+            return [None if torch.isnan(v) else round(float(v), 6) for v in t]
 
         return dict(
             layers=self.layers,
@@ -132,7 +137,9 @@ class Identifiability:
         lines = [title, header]
         for i, layer in enumerate(self.layers):
             line = f"{layer:>5} {self.token_rank[i]:>9.4f} {self.token_rate[i]:>10.2f}"
-            if self.cls_rank is not None:
+            if self.cls_rank is not None and torch.isnan(self.cls_rank[i]):
+                line += f" {'-':>9} {'-':>11}"
+            elif self.cls_rank is not None:
                 line += f" {self.cls_rank[i]:>9.4f} {self.cls_rate[i]:>11.2f}"
             lines.append(line)
         return "\n".join(lines)
@@ -156,6 +163,9 @@ def class_identifiability(
 ) -> Identifiability:
     """Class identifiability of [CLS] and image tokens at each block, in one pass per chunk.
 
+    [CLS] statistics are reported only for blocks whose tokens hold the [CLS] token that the
+    head reads; every block's token count is checked against the patch grid.
+
     Args:
         model: A supported ViT, or its :class:`ViTAnatomy`.
         inputs: Normalised images (B, C, H, W).
@@ -168,13 +178,17 @@ def class_identifiability(
     Returns:
         An :class:`Identifiability` result; ``print`` it or call ``.plot()``.
 
+    Raises:
+        UnsupportedModelError: If a block holds another number of tokens than its prefix
+            tokens and the patch grid make.
+
     Example:
         >>> result = class_identifiability(model, images, labels)
         >>> result.layers, result.token_rate.shape  # one value per block
         ([0, 1, 2], torch.Size([3]))
     """
     anatomy = model if isinstance(model, ViTAnatomy) else ViTAnatomy.from_model(model)
-    check_inputs(inputs, anatomy)
+    grid = check_inputs(inputs, anatomy)
     check_choice("component", component, ("residual", "attention", "mlp"))
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
@@ -182,21 +196,24 @@ def class_identifiability(
     labels = check_target(labels, inputs.shape[0], anatomy.num_classes)
     if labels is None:
         raise ValueError("labels must be given (int, list of ints or int tensor), got None")
-    prefix = anatomy.num_prefix_tokens
     cls = anatomy.readout.cls_index
+    cls_blocks = [block for block in blocks if block in anatomy.cls_blocks]
 
     def summarise(component_: str, block: int, tokens: torch.Tensor) -> torch.Tensor:
         logits = anatomy.project(tokens).float()  # (b, N, C)
         chunk_labels = current_labels.to(logits.device)
         rank = normalized_rank(logits, chunk_labels)  # (b, N)
         top1 = (logits.argmax(-1) == chunk_labels[:, None]).float()
-        # per image: [img rank, img rate, cls rank, cls top-1]
-        image = torch.stack([rank[:, prefix:].mean(1), top1[:, prefix:].mean(1) * 100], 1)
-        if cls is None:
+        image_rank, image_top1 = (anatomy.image_tokens(t, block, grid) for t in (rank, top1))
+        # per image: [img rank, img rate, cls rank, cls top-1]; NaN where no [CLS] yet
+        image = torch.stack([image_rank.mean(1), image_top1.mean(1) * 100], 1)
+        if not cls_blocks:
             return image
+        if block not in cls_blocks:
+            return torch.cat([image, torch.full_like(image, torch.nan)], 1)
         return torch.cat([image, rank[:, cls, None], top1[:, cls, None] * 100], 1)
 
-    totals = torch.zeros(len(blocks), 2 if cls is None else 4, dtype=torch.float64)
+    totals = torch.zeros(len(blocks), 4 if cls_blocks else 2, dtype=torch.float64)
     starts = range(0, inputs.shape[0], max_batch_size)
     for start in tqdm(starts, desc="identifiability", disable=not progress):
         current_labels = labels[start : start + max_batch_size]
@@ -209,8 +226,8 @@ def class_identifiability(
         layers=blocks,
         token_rank=means[:, 0],
         token_rate=means[:, 1],
-        cls_rank=None if cls is None else means[:, 2],
-        cls_rate=None if cls is None else means[:, 3],
+        cls_rank=means[:, 2] if cls_blocks else None,
+        cls_rate=means[:, 3] if cls_blocks else None,
         num_images=int(inputs.shape[0]),
         component=component,
     )
