@@ -29,7 +29,7 @@ from .adapters import (
     find_adapter,
     looked_for,
 )
-from .adapters.base import block_branches, pair
+from .adapters.base import pair, timm_block_parts
 
 COMPONENTS = ("residual", "attention", "mlp")
 """Token states that can be captured per block: block output, attention branch, MLP branch."""
@@ -52,7 +52,8 @@ class ViTAnatomy:
         norm: Module mapping token states (..., D) to the normalised tokens the head reads
             (the final ``norm``, then ``fc_norm`` where the model has one).
         heads: Classifier head(s); several are averaged (DeiT distilled).
-        num_prefix_tokens: [CLS], distillation and register tokens before the image tokens.
+        num_prefix_tokens: [CLS], distillation and register tokens before the image tokens
+            (in the blocks from ``prefix_from_block`` on).
         patch_size: (ph, pw) in pixels.
         img_size: The fixed input size (H, W), or ``None`` for dynamic-size models.
         dynamic_pad: Whether a dynamic-size model pads inputs up to a multiple of the patch.
@@ -70,10 +71,21 @@ class ViTAnatomy:
         attention_kind: How :meth:`capture` reads attention probabilities (see
             :data:`ATTENTION_KINDS`).
         attention_reason: Why attention cannot be read, where ``attention_modules`` is None.
-        pre_attention_norms: Per block, the norm before attention (Grad-CAM's layer).
+        pre_attention_norms: Per block, the norm before attention (``None`` for post-norm
+            blocks, which normalise after attention).
+        attention_inputs: Per block, the module whose output is the tokens its attention
+            reads (Grad-CAM's layer): the norm before attention of pre-norm blocks; the
+            previous block (or the stem) of post-norm blocks. Defaults to
+            ``pre_attention_norms``.
+        prefix_from_block: The first block whose tokens include the prefix tokens; earlier
+            blocks hold image tokens only (ConViT joins [CLS] before block
+            ``local_up_to_layer``; CaiT and XCiT only in their class-attention blocks, after
+            every block listed here: then it equals the depth).
         token_path: How tokens are embedded and classified (token removal), or why not.
         output_logits: Maps the model's output to logits (B, C), e.g. Hugging Face outputs.
         family: The adapter that found the parts (``"custom"`` for hand-made anatomies).
+        overrides: The parts given by hand to :meth:`from_model` (their errors are the
+            user's to fix).
         channels_last: Blocks output channels-last grids (B, h, w, D) instead of token
             sequences (B, N, D) (timm Swin); captured states are flattened to (B, h*w, D).
         modules: Every module of ``model``, listed once when the anatomy is built (the
@@ -97,9 +109,12 @@ class ViTAnatomy:
     attention_kind: str = "timm"
     attention_reason: str | None = None
     pre_attention_norms: list[nn.Module | None] | None = None
+    attention_inputs: list[nn.Module | None] | None = None
+    prefix_from_block: int = 0
     token_path: TokenPath | str | None = None
     output_logits: Callable[[Any], torch.Tensor] | None = field(default=None, repr=False)
     family: str = "custom"
+    overrides: tuple[str, ...] = ()
     channels_last: bool = False
     projection: nn.Module = field(init=False, repr=False)
     modules: tuple[nn.Module, ...] = field(init=False, repr=False, compare=False)
@@ -111,6 +126,8 @@ class ViTAnatomy:
         if self.readout is None:
             prefix = self.num_prefix_tokens
             self.readout = Readout(cls_rows=(0,)) if prefix else Readout(pool_start=0)
+        if self.attention_inputs is None:
+            self.attention_inputs = self.pre_attention_norms
         if self.attention_kind not in ATTENTION_KINDS:
             raise ValueError(
                 f"attention_kind must be one of {ATTENTION_KINDS}, got {self.attention_kind!r}"
@@ -167,7 +184,8 @@ class ViTAnatomy:
             patch_size=None if patch_size is None else pair(patch_size),
             img_size=None if img_size is None else pair(img_size),
         )
-        parts = {**found, **{k: v for k, v in overrides.items() if v is not None}}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        parts = {**found, **given, "overrides": tuple(given)}
         missing = [k for k in ("blocks", "norm", "heads", "num_prefix_tokens", "patch_size")]
         missing = [k for k in missing if parts.get(k) is None]
         if missing:
@@ -197,6 +215,65 @@ class ViTAnatomy:
                 the size is smaller than one patch.
         """
         return patch_grid(input_size, self.patch_size, self.img_size, self.dynamic_pad)
+
+    def prefix_tokens_at(self, block: int) -> int:
+        """Prefix tokens in front of the image tokens in ``block``'s tokens (0 before
+        ``prefix_from_block``)."""
+        return self.num_prefix_tokens if block >= self.prefix_from_block else 0
+
+    @property
+    def cls_blocks(self) -> list[int]:
+        """Blocks whose tokens include the [CLS] the head reads (none for pooled heads)."""
+        if self.readout.cls_index is None:
+            return []
+        return list(range(self.prefix_from_block, self.depth))
+
+    def image_tokens(
+        self, tokens: torch.Tensor, block: int, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The image tokens (B, h*w, ...) of ``block``'s tokens (B, N, ...).
+
+        Args:
+            tokens: Token states or scores of one block.
+            block: The block index (from 0).
+            grid: The patch grid (h, w); if given, the token count is checked against it.
+
+        Raises:
+            UnsupportedModelError: If a supported model's block holds another number of
+                tokens than its prefix tokens and the patch grid make (its token layout is
+                not what its adapter describes).
+            ValueError: The same for a custom anatomy (its ``num_prefix_tokens`` or
+                ``patch_size`` is wrong).
+        """
+        prefix = self.prefix_tokens_at(block)
+        if grid is not None and tokens.shape[1] != prefix + grid[0] * grid[1]:
+            self._token_count_error(f"block {block}", tokens.shape[1], grid, prefix)
+        return tokens[:, prefix:]
+
+    def count_prefix(self, count: int, grid: tuple[int, int], where: str) -> int:
+        """Prefix tokens of a layer output with ``count`` tokens on the patch ``grid``: 0 (a
+        block before the prefix tokens join) or ``num_prefix_tokens``.
+
+        Raises:
+            UnsupportedModelError / ValueError: As :meth:`image_tokens`, for any other count.
+        """
+        prefix = count - grid[0] * grid[1]
+        if prefix not in (0, self.num_prefix_tokens):
+            self._token_count_error(where, count, grid, self.num_prefix_tokens)
+        return prefix
+
+    def _token_count_error(
+        self, where: str, count: int, grid: tuple[int, int], prefix: int
+    ) -> None:
+        message = (
+            f"{where} of {type(self.model).__name__} holds {count} tokens, but {prefix} prefix "
+            f"tokens and the {grid} patch grid of the input make {prefix + grid[0] * grid[1]}"
+        )
+        if self.family == "custom" or self.overrides:
+            raise ValueError(f"{message}; check num_prefix_tokens/patch_size")
+        raise UnsupportedModelError(
+            f"{message}: its token layout is not the one the {self.family} adapter describes"
+        )
 
     def resolve_layers(self, layer: int | Sequence[int] | str) -> list[int]:
         """Normalise a layer spec (int, list of ints, or ``"all"``) to block indices.
@@ -283,7 +360,8 @@ class ViTAnatomy:
         """The module whose output is ``component`` of ``block``.
 
         Raises:
-            ValueError: For an unknown component, or one this model does not expose.
+            ValueError: For an unknown component.
+            UnsupportedModelError: For a component this model does not expose.
         """
         if component == "residual":
             return self.blocks[block]
@@ -295,7 +373,7 @@ class ViTAnatomy:
             reason = "its blocks have no recognised attention/MLP branch modules"
             if component == "attention" and self.attention_reason:
                 reason = self.attention_reason
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"component {component!r} is not available for {type(self.model).__name__}: "
                 f"{reason}"
             )
@@ -386,6 +464,6 @@ def _custom_block_parts(blocks: Sequence[nn.Module]) -> dict:
     return dict(
         attention_modules=attention_modules if usable else None,
         attention_kind="timm",
-        pre_attention_norms=[getattr(b, "norm1", None) for b in blocks],
-        **block_branches(blocks, "attn", "mlp"),
+        prefix_from_block=0,
+        **timm_block_parts(blocks, stem=None),
     )

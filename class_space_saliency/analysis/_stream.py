@@ -277,9 +277,11 @@ class RankHistogram:
         return self.counts.shape[1]
 
     def add(self, positions: torch.Tensor) -> None:
-        """Count rank positions (L, ...) (any trailing shape: images, tokens)."""
+        """Count rank positions (L, ...) (any trailing shape: images, tokens); negative
+        positions (no token there) are not counted."""
         flat = positions.reshape(positions.shape[0], -1).long().cpu()
-        self.counts.scatter_add_(1, flat, torch.ones_like(flat))
+        valid = flat >= 0
+        self.counts.scatter_add_(1, flat * valid, valid.long())
 
     def merge(self, other: RankHistogram) -> RankHistogram:
         """Add another histogram's counts (same shape) to this one; returns ``self``."""

@@ -50,18 +50,6 @@ def rank_positions(anatomy: ViTAnatomy, tokens: torch.Tensor, labels: torch.Tens
     return (logits > label_logit).sum(-1)
 
 
-def check_token_grid(anatomy: ViTAnatomy, tokens: torch.Tensor, images: torch.Tensor) -> None:
-    """Raise ``UnsupportedModelError`` unless ``tokens`` are the prefix and one token per patch."""
-    grid = anatomy.grid_size(images.shape)
-    expected = anatomy.num_prefix_tokens + grid[0] * grid[1]
-    if tokens.shape[1] != expected:
-        raise UnsupportedModelError(
-            f"{type(anatomy.model).__name__} has {tokens.shape[1]} tokens where "
-            f"{anatomy.num_prefix_tokens} prefix tokens and a {grid} patch grid make {expected}: "
-            "its blocks do not keep one token per patch, so tokens cannot be read per patch"
-        )
-
-
 @dataclass
 class Identifiability:
     """Mean identifiability of one component per block (the summary view).
@@ -71,10 +59,13 @@ class Identifiability:
         token_rank: Mean normalised rank of the label over image tokens and images (L,).
         token_rate: Identifiability rate in % (L,): per image, the share of image tokens whose
             top-1 class is the label, averaged over images.
-        cls_rank: Mean normalised rank of the label for the [CLS] token (L,), or ``None``
-            where the head reads no [CLS] (pooled models, also those that keep a [CLS] or
-            registers).
-        cls_rate: % of images whose [CLS] token's top-1 class is the label (L,), or ``None``.
+        cls_rank: Mean normalised rank of the label for the [CLS] token (L,), ``NaN`` at
+            blocks whose tokens do not hold the [CLS] yet (ConViT before
+            ``local_up_to_layer``); ``None`` where no analysed block holds a [CLS] that the
+            head reads (pooled models, also those that keep a [CLS] or registers; CaiT and
+            XCiT, whose [CLS] joins after the blocks).
+        cls_rate: % of images whose [CLS] token's top-1 class is the label (L,), with
+            ``NaN`` and ``None`` as ``cls_rank``.
         num_images: Images the figures average over.
         component: Which token state was projected.
     """
@@ -109,7 +100,9 @@ class Identifiability:
         lines = [title, header]
         for i, layer in enumerate(self.layers):
             line = f"{layer:>5} {self.token_rank[i]:>9.4f} {self.token_rate[i]:>10.2f}"
-            if self.cls_rank is not None:
+            if self.cls_rank is not None and torch.isnan(self.cls_rank[i]):
+                line += f" {'-':>9} {'-':>11}"
+            elif self.cls_rank is not None:
                 line += f" {self.cls_rank[i]:>9.4f} {self.cls_rate[i]:>11.2f}"
             lines.append(line)
         return "\n".join(lines)
@@ -294,12 +287,12 @@ class _Counts:
         self.rate_sum = {c: torch.zeros(depth, dtype=torch.float64) for c in components}
         self.with_one = {c: torch.zeros(depth, dtype=torch.float64) for c in components}
 
-    def add(self, component: str, positions: torch.Tensor, prefix: int, cls: int | None) -> None:
-        """Count (L, B, N) rank positions of one component."""
-        image = positions[:, :, prefix:]
+    def add(self, component: str, positions: torch.Tensor) -> None:
+        """Count (L, B, 1 + h*w) rank positions of one component (see :func:`_positions`)."""
+        image = positions[:, :, 1:]
         self.histograms[(component, "image")].add(image)
-        if cls is not None:
-            self.histograms[(component, "cls")].add(positions[:, :, cls])
+        if (component, "cls") in self.histograms:
+            self.histograms[(component, "cls")].add(positions[:, :, 0])
         top1 = (image == 0).double()
         self.rate_sum[component] += top1.mean(2).sum(1).cpu() * 100
         self.with_one[component] += top1.amax(2).sum(1).cpu() * 100
@@ -312,11 +305,20 @@ def _positions(
     components: Sequence[str],
     layers: Sequence[int],
 ) -> dict[str, torch.Tensor]:
-    """``{component: (L, B, N)}`` rank positions of the label, from one forward pass."""
+    """``{component: (L, B, 1 + h*w)}`` rank positions of the label, from one forward pass.
+
+    Column 0 is the [CLS] token the head reads (-1 at blocks that do not hold it yet, e.g.
+    ConViT before ``local_up_to_layer``, and for heads that read no [CLS]), the others are
+    the image tokens (every block's token count is checked against the patch grid).
+    """
+    grid = anatomy.grid_size(images.shape)
+    cls, cls_blocks = anatomy.readout.cls_index, set(anatomy.cls_blocks)
 
     def reduce(component: str, block: int, tokens: torch.Tensor) -> torch.Tensor:
-        check_token_grid(anatomy, tokens, images)
-        return rank_positions(anatomy, tokens, labels)
+        positions = rank_positions(anatomy, tokens, labels)
+        image = anatomy.image_tokens(positions, block, grid)
+        first = positions[:, cls] if block in cls_blocks else torch.full_like(image[:, 0], -1)
+        return torch.cat([first[:, None], image], 1)
 
     sites = [(component, block) for component in components for block in layers]
     with torch.no_grad(), anatomy.capture(sites, reduce=reduce) as cap:
@@ -374,8 +376,8 @@ def identifiability(
         An :class:`IdentifiabilityResult`; ``result["residual"]`` is the per-block summary.
 
     Raises:
-        UnsupportedModelError: If the model's tokens are not one per patch (after the prefix),
-            or the baseline does not match the model.
+        UnsupportedModelError: If a block holds another number of tokens than its prefix
+            tokens and the patch grid make, or the baseline does not match the model.
 
     Example:
         >>> from class_space_saliency import analysis, testing
@@ -388,9 +390,7 @@ def identifiability(
     anatomy = _as_anatomy(model)
     components = _check_components(components)
     layers = anatomy.resolve_layers(layers)
-    cls = anatomy.readout.cls_index
-    prefix = anatomy.num_prefix_tokens
-    groups = TOKEN_GROUPS if cls is not None else ("image",)
+    groups = TOKEN_GROUPS if set(layers) & set(anatomy.cls_blocks) else ("image",)
     num_classes = anatomy.num_classes
     models = [anatomy]
     if baseline is not None:
@@ -409,13 +409,14 @@ def identifiability(
         found = [_positions(a, batch.images, batch.labels, components, layers) for a in models]
         for accumulated, positions in zip(counts, found, strict=True):
             for component in components:
-                accumulated.add(component, positions[component], prefix, cls)
+                accumulated.add(component, positions[component])
         if baseline is not None:
             for component, group in differences:
-                pick = (lambda p: p[:, :, cls]) if group == "cls" else (lambda p: p[:, :, prefix:])
-                shift = pick(found[1][component]) - pick(found[0][component]) + num_classes - 1
-                flat = shift.reshape(len(layers), -1).cpu()
-                differences[(component, group)].scatter_add_(1, flat, torch.ones_like(flat))
+                columns = slice(0, 1) if group == "cls" else slice(1, None)
+                mine, theirs = (f[component][:, :, columns] for f in found)
+                valid = (mine >= 0).reshape(len(layers), -1).cpu()
+                shift = (theirs - mine + num_classes - 1).reshape(len(layers), -1).cpu()
+                differences[(component, group)].scatter_add_(1, shift * valid, valid.long())
         seen += batch.images.shape[0]
 
     def result(accumulated: _Counts) -> IdentifiabilityResult:

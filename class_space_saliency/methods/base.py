@@ -244,6 +244,12 @@ class SaliencyMethod(Attribution):
                 "image tokens; a [CLS] or register token there never reaches the head); use "
                 "ClassSpaceSaliency instead"
             )
+        if info.needs_cls and not self.anatomy.cls_blocks:
+            raise UnsupportedModelError(
+                f"{name} needs the [CLS] token that the classifier head reads in the blocks' "
+                f"tokens; the [CLS] of {type(self.model).__name__} joins only after its last "
+                "block (in class-attention blocks); use ClassSpaceSaliency instead"
+            )
         if info.needs_attention:
             differentiable = info.needs_gradients
             check_attention_support(name, self.anatomy, self.model, differentiable)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validation import check_bool
+from ._attention import check_blocks_hold_prefix
 from .base import MethodOptions, SaliencyMethod, tokens_to_grid
 from .registry import register_method, register_variant
 
@@ -59,7 +60,10 @@ class ClassSpaceAttentionGradient(SaliencyMethod):
     Options = ClassSpaceGradientOptions
 
     def _resolve_options(self, options: ClassSpaceGradientOptions) -> ClassSpaceGradientOptions:
-        return replace(options, layer=self.anatomy.resolve_layers(options.layer))
+        layers = self.anatomy.resolve_layers(options.layer)
+        name = type(self).__name__
+        check_blocks_hold_prefix(name, self.anatomy, self.model, min(layers), "layer")
+        return replace(options, layer=layers)
 
     def _attribute(
         self,

@@ -30,6 +30,7 @@ from .models import (
     HF_FAMILIES,
     NUM_CLASSES,
     POOLED_FAMILIES,
+    TIMM_ARCHITECTURES,
     TIMM_TINY,
     VIT_FAMILIES,
     ToyTokenViT,
@@ -40,9 +41,11 @@ from .models import (
     tiny_hf_vit,
     tiny_images,
     tiny_swin,
+    tiny_timm,
     tiny_vit,
 )
 from .references import (
+    POST_NORM_BLOCKS,
     BlockStates,
     attention_by_hand,
     block_by_hand,
@@ -67,6 +70,8 @@ __all__ = [
     "HF_FAMILIES",
     "NUM_CLASSES",
     "POOLED_FAMILIES",
+    "POST_NORM_BLOCKS",
+    "TIMM_ARCHITECTURES",
     "TIMM_TINY",
     "VIT_FAMILIES",
     "BlockStates",
@@ -97,6 +102,7 @@ __all__ = [
     "tiny_hf_vit",
     "tiny_images",
     "tiny_swin",
+    "tiny_timm",
     "tiny_vit",
     "token_states",
 ]

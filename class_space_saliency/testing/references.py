@@ -38,7 +38,7 @@ def attention_by_hand(
     num_prefix_tokens: int = 1,
     leaf_probs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One timm attention module (ViT, DeiT, BEiT, EVA-02) computed by hand.
+    """One timm attention module (ViT, DeiT, BEiT, EVA, relative-position ViT) by hand.
 
     Args:
         attn: the block's ``attn`` module.
@@ -53,33 +53,50 @@ def attention_by_hand(
     from timm.layers import apply_rot_embed_cat
 
     b, n, d = h.shape
-    bias = attn.qkv.bias
-    if getattr(attn, "q_bias", None) is not None:  # BEiT / EVA: separate q and v biases
-        bias = torch.cat([attn.q_bias, attn.k_bias, attn.v_bias])
-    qkv = F.linear(h, attn.qkv.weight, bias).reshape(b, n, 3, attn.num_heads, -1)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    if getattr(attn, "qkv", None) is None:  # EVA with separate q, k, v projections
+        q, k, v = (
+            proj(h).reshape(b, n, attn.num_heads, -1).transpose(1, 2)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+    else:
+        bias = attn.qkv.bias
+        if getattr(attn, "q_bias", None) is not None:  # BEiT / EVA: separate q and v biases
+            bias = torch.cat([attn.q_bias, attn.k_bias, attn.v_bias])
+            if getattr(attn, "qkv_bias_separate", False) and attn.qkv.bias is not None:
+                bias = bias + attn.qkv.bias
+        qkv = F.linear(h, attn.qkv.weight, bias).reshape(b, n, 3, attn.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
-        npt = num_prefix_tokens
-        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope)], 2)
-        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope)], 2)
+        npt, half = num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], 2)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2)
     scores = (q * attn.scale) @ k.transpose(-2, -1)
     if getattr(attn, "relative_position_bias_table", None) is not None:  # BEiT
         scores = scores + attn._get_rel_pos_bias()
+    if getattr(attn, "rel_pos", None) is not None:  # relative-position ViT: adds its bias
+        scores = attn.rel_pos(scores)
     probs = scores.softmax(-1)
     if leaf_probs:
         probs = probs.detach().requires_grad_(True)
-    out = (probs @ v).transpose(1, 2).reshape(b, n, d)
-    return probs, attn.proj(getattr(attn, "norm", nn.Identity())(out))
+    out = getattr(attn, "norm", nn.Identity())((probs @ v).transpose(1, 2).reshape(b, n, d))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(h).sigmoid()
+    return probs, attn.proj(out)
 
 
 def _layer_scaled(block: nn.Module, number: int, value: torch.Tensor) -> torch.Tensor:
-    """Layer scale: BEiT/EVA ``gamma_k`` parameters or timm ``ls_k`` modules."""
-    gamma = getattr(block, f"gamma_{number}", None)
+    """Layer scale: BEiT/EVA/CaiT ``gamma_k``, XCiT ``gammak`` parameters or timm ``ls_k``."""
+    gamma = getattr(block, f"gamma_{number}", getattr(block, f"gamma{number}", None))
     if gamma is not None:
         return gamma * value
     return getattr(block, f"ls{number}", nn.Identity())(value)
+
+
+POST_NORM_BLOCKS = ("ResPostBlock", "ResPostRelPosBlock", "EvaBlockPostNorm")
+"""timm blocks that normalise each branch's output: ``x + norm1(attn(x))``,
+``x + norm2(mlp(x))`` (the paper's GAP model ``vit_base_patch16_rpn_224`` has them)."""
 
 
 def block_by_hand(
@@ -89,27 +106,48 @@ def block_by_hand(
     num_prefix_tokens: int = 1,
     normed: torch.Tensor | None = None,
     leaf_probs: bool = False,
+    own_attention: bool = False,
+    grid: tuple[int, int] | None = None,
 ) -> BlockStates:
-    """One timm transformer block by hand (pre-norm attention and MLP, layer scale).
+    """One timm transformer block by hand: pre-norm (``x + ls1(attn(norm1(x)))``, then the
+    MLP alike) or post-norm (:data:`POST_NORM_BLOCKS`: ``x + norm1(attn(x))``, then
+    ``x + norm2(mlp(x))``), with layer scale; XCiT's third branch (``x +
+    gamma3 * local_mp(norm3(x))``) between attention and MLP.
 
     Args:
         block: a block of ``model.blocks``.
         x: the incoming residual stream (B, N, D).
         rope: see :func:`attention_by_hand`.
         num_prefix_tokens: see :func:`attention_by_hand`.
-        normed: use this as the attention's input instead of ``block.norm1(x)`` (a leaf for
-            Grad-CAM).
+        normed: use this as the attention's input instead of ``block.norm1(x)`` (``x`` for
+            post-norm blocks): a leaf for Grad-CAM.
         leaf_probs: see :func:`attention_by_hand`.
+        own_attention: call the block's attention module instead of computing it by hand
+            (attention kinds :func:`attention_by_hand` does not know: ConViT's gated
+            positional, CaiT's talking heads, XCiT's cross-covariance); ``probs`` is None.
+        grid: the patch grid (h, w) (XCiT's local patch interaction needs it).
 
     Returns:
-        The block's :class:`BlockStates`.
+        The block's :class:`BlockStates` (``normed``: the attention's input).
     """
-    h = block.norm1(x) if normed is None else normed
-    probs, out = attention_by_hand(block.attn, h, rope, num_prefix_tokens, leaf_probs)
-    attention = _layer_scaled(block, 1, out)
+    post_norm = type(block).__name__ in POST_NORM_BLOCKS
+    if normed is None:
+        normed = x if post_norm else block.norm1(x)
+    if own_attention:
+        probs = None
+        out = block.attn(normed) if rope is None else block.attn(normed, rope=rope)
+    else:
+        probs, out = attention_by_hand(block.attn, normed, rope, num_prefix_tokens, leaf_probs)
+    attention = block.norm1(out) if post_norm else _layer_scaled(block, 1, out)
     x = x + attention
-    mlp = _layer_scaled(block, 2, block.mlp(block.norm2(x)))
-    return BlockStates(x + mlp, attention, mlp, probs, h)
+    if hasattr(block, "local_mp"):  # XCiT: local patch interaction on the grid
+        x = x + _layer_scaled(block, 3, block.local_mp(block.norm3(x), *grid))
+    mlp = (
+        block.norm2(block.mlp(x))
+        if post_norm
+        else _layer_scaled(block, 2, block.mlp(block.norm2(x)))
+    )
+    return BlockStates(x + mlp, attention, mlp, probs, normed)
 
 
 def embed_by_hand(
@@ -141,14 +179,17 @@ def token_states(
 ) -> dict[str, list[torch.Tensor]]:
     """Token states of every block, recomputed by hand from the model's submodules.
 
-    Works for timm ViT, DeiT, BEiT and EVA-02 models and ``torchvision`` ViTs. Runs with
+    Works for timm ViT, DeiT, BEiT and EVA models (pre-norm and post-norm blocks) and
+    ``torchvision`` ViTs. Runs with
     autograd on unless the caller disables it.
 
     Args:
         model: the ViT.
         images: (B, 3, H, W).
         leaf_block: timm only: the block whose attention input becomes a new autograd leaf
-            (returned as ``"leaf"``), for Grad-CAM references.
+            (returned as ``"leaf"``), for Grad-CAM references: ``norm1(x)`` of a pre-norm
+            block; the incoming stream ``x`` itself of a post-norm block (it enters both
+            the attention and the residual path).
 
     Returns:
         ``{"residual", "attention", "mlp", "attn_probs"}``: lists over blocks of (B, N, D)
@@ -186,7 +227,10 @@ def token_states(
     npt = model.num_prefix_tokens
     for i, block in enumerate(model.blocks):
         normed = None
-        if i == leaf_block:
+        if i == leaf_block and type(block).__name__ in POST_NORM_BLOCKS:
+            x = x.detach().requires_grad_(True)
+            states["leaf"].append(x)
+        elif i == leaf_block:
             normed = block.norm1(x).detach().requires_grad_(True)
             states["leaf"].append(normed)
         out = block_by_hand(block, x, rope, npt, normed)
