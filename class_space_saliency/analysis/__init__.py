@@ -20,14 +20,30 @@ from .identifiability import (
     class_identifiability,
     identifiability,
 )
+from .interventions import (
+    KnockoutResult,
+    PatchingResult,
+    Site,
+    attention_knockout,
+    knockout,
+    patch,
+    patching_grid,
+)
 
 __all__ = [
     "AnalysisResult",
     "Batch",
     "Identifiability",
     "IdentifiabilityResult",
+    "KnockoutResult",
+    "PatchingResult",
     "RankHistogram",
+    "Site",
+    "attention_knockout",
     "class_identifiability",
     "identifiability",
+    "knockout",
+    "patch",
+    "patching_grid",
     "stream",
 ]
