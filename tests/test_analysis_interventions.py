@@ -476,3 +476,12 @@ def test_results_render(tiny_vit, tmp_path):
     assert knocked.table().count("\n| 2 |") == 2  # one row per block and component
     assert "head 1" in patched.table() and "[CLS]" in patched.table()
     plt.close(patched.plot(token_layout="grid"))
+
+
+def test_token_columns_name_the_prefix_tokens(tiny_vit):
+    images = testing.tiny_images()
+    for family, prefix in (("registers", ["[CLS]", "prefix 1"]), ("reg4gap", ["prefix 0"])):
+        result = analysis.patching_grid(tiny_vit(family), images, images.flip(0), grids="token")
+        assert result.token_labels()[: len(prefix)] == prefix
+        assert result.to_dict()["token_columns"][-1] == "(3,3)"
+        assert result.restored["token"].shape == (3, 16 + tiny_vit(family).num_prefix_tokens)

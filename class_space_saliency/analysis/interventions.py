@@ -89,6 +89,11 @@ def _editable(model: nn.Module | ViTAnatomy) -> ViTAnatomy:
             f"attention interventions support {', '.join(EDITABLE_FAMILIES)} models; "
             f"{type(anatomy.model).__name__} ({anatomy.family}) is not supported: {reason}"
         )
+    if anatomy.attention_modules is None:
+        raise UnsupportedModelError(
+            f"attention interventions need the attention modules of {type(anatomy.model).__name__}:"
+            f" {anatomy.attention_reason or 'its blocks have no attention with attn_drop'}"
+        )
     return anatomy
 
 
@@ -449,9 +454,11 @@ class Site:
             several; ``None`` for every token.
 
     Example:
-        >>> Site("residual", 2, tokens=0), Site("head", -1, 1)
-        (Site(kind='residual', block=2, head=None, tokens=(0,)), Site(kind='head', block=-1, head=1, tokens=None))
-    """  # noqa: E501
+        >>> Site("residual", 2, tokens=0)  # the stream after block 2 at [CLS]
+        Site(kind='residual', block=2, head=None, tokens=(0,))
+        >>> Site("pattern", -1, 1, tokens=[0]).tokens  # head 1's [CLS] row in the last block
+        (0,)
+    """
 
     kind: str
     block: int
@@ -701,6 +708,7 @@ class PatchingResult(AnalysisResult):
         clean_metric: Mean metric of the clean images (over all pairs).
         corrupted_metric: Mean metric of the corrupted images (over all pairs).
         num_prefix_tokens: Tokens before the image tokens (token columns ``0 .. P-1``).
+        class_token: Column of the [CLS] token, or ``None`` for models without one.
         grid_size: Patch grid (h, w) of the image tokens.
     """
 
@@ -716,6 +724,7 @@ class PatchingResult(AnalysisResult):
     corrupted_metric: float
     num_prefix_tokens: int
     grid_size: tuple[int, int]
+    class_token: int | None = 0
     grids: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -723,9 +732,12 @@ class PatchingResult(AnalysisResult):
 
     def token_labels(self) -> list[str]:
         """Column names of the token grid: ``[CLS]``/``prefix k`` then ``(row, col)``."""
-        prefix = ["[CLS]"] + [f"prefix {k}" for k in range(1, self.num_prefix_tokens)]
+        prefix = [
+            "[CLS]" if k == self.class_token else f"prefix {k}"
+            for k in range(self.num_prefix_tokens)
+        ]
         h, w = self.grid_size
-        return prefix[: self.num_prefix_tokens] + [f"({r},{c})" for r in range(h) for c in range(w)]
+        return prefix + [f"({r},{c})" for r in range(h) for c in range(w)]
 
     def to_dict(self) -> dict:
         """Grids (rows: blocks) and the metric's summary."""
@@ -738,7 +750,9 @@ class PatchingResult(AnalysisResult):
                 clean_metric=self.clean_metric,
                 corrupted_metric=self.corrupted_metric,
                 num_prefix_tokens=self.num_prefix_tokens,
+                class_token=self.class_token,
                 grid_size=list(self.grid_size),
+                token_columns=self.token_labels(),
                 restored=self.restored,
                 restored_of_mean=self.restored_of_mean,
             )
@@ -800,8 +814,8 @@ class PatchingResult(AnalysisResult):
             axis.set_ylabel("layer (block index, from 0)")
             if grid == "token":
                 axis.axvline(self.num_prefix_tokens - 0.5, color="k", lw=0.8)
-                axis.set_xlabel(f"token (0..{self.num_prefix_tokens - 1}: prefix; then patches "
-                                "row by row)")  # fmt: skip
+                prefix = self.token_labels()[: self.num_prefix_tokens]
+                axis.set_xlabel(f"token ({', '.join(prefix)}; then patches row by row)")
             else:
                 axis.set_xticks(range(self.restored[grid].shape[1]))
                 axis.set_xlabel("head")
@@ -825,7 +839,8 @@ class PatchingResult(AnalysisResult):
             axis.axis("off")
         for axis, i, layer in zip(axes.flat, range(len(self.layers)), self.layers, strict=False):
             image = axis.imshow(grid[i, prefix:].reshape(self.grid_size).numpy(), **style)
-            cls = f", [CLS] {grid[i, 0]:.2f}" if prefix else ""
+            cls = self.class_token
+            cls = "" if cls is None else f", [CLS] {grid[i, cls]:.2f}"
             axis.set_title(f"layer {layer}{cls}", fontsize=8)
             axis.set_xticks([])
             axis.set_yticks([])
@@ -1066,5 +1081,6 @@ class _PatchingSums:
             clean_metric=self.clean_sum / self.num_images,
             corrupted_metric=self.corrupted_sum / self.num_images,
             num_prefix_tokens=self.geometry.anatomy.num_prefix_tokens,
+            class_token=class_token_index(self.geometry.anatomy),
             grid_size=self.geometry.grid,
         )
