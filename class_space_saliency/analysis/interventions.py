@@ -141,10 +141,9 @@ def knockout_edit(anatomy: ViTAnatomy, mode: str, renormalise: bool = False) -> 
     if mode == "self_only":
 
         def self_only(probs: torch.Tensor) -> torch.Tensor:
-            rows = torch.arange(prefix, probs.shape[-1], device=probs.device)
+            identity = torch.eye(probs.shape[-1], dtype=probs.dtype, device=probs.device)
             edited = probs.clone()
-            edited[..., prefix:, :] = 0
-            edited[..., rows, rows] = 1
+            edited[..., prefix:, :] = identity[prefix:]
             return edited
 
         return self_only
