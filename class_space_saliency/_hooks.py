@@ -3,14 +3,18 @@
 :func:`capture` records token states, attention probabilities and module inputs during one
 forward pass (:meth:`~class_space_saliency.anatomy.ViTAnatomy.capture` is its public face);
 :func:`forward_hook` installs one output-rewriting hook for the length of a ``with`` block
-(Grad-CAM's token grid). On exit, also on an exception or a ``KeyboardInterrupt``, every hook
-is removed and every ``training`` and attention flag that was switched is restored.
+(Grad-CAM's token grid); :func:`intervene` reads or replaces module outputs, module inputs and
+attention probabilities (knock-outs, activation patching; :meth:`~class_space_saliency.anatomy.
+ViTAnatomy.intervene` is its public face). On exit, also on an exception or a
+``KeyboardInterrupt``, every hook is removed and every ``training`` and attention flag that was
+switched is restored; contexts nest, each removing exactly what it added.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,6 +54,14 @@ class HookTargets(Protocol):
     def resolve_layers(self, layer: int | Sequence[int] | str) -> list[int]: ...
 
     def branch_module(self, component: str, block: int) -> nn.Module: ...
+
+
+Edit = Callable[[torch.Tensor], "torch.Tensor | None"]
+"""``f(tensor) -> replacement``, or ``None`` to leave the tensor as it is (a reader)."""
+
+EDITED_ATTENTION = "class_space_saliency_edited"
+"""The name under which :func:`intervene` registers its attention function with transformers'
+``AttentionInterface`` while Hugging Face attention is being edited."""
 
 
 @dataclass
@@ -101,10 +113,6 @@ def capture(
     """
     result = Capture()
     handles: list[torch.utils.hooks.RemovableHandle] = []
-    # Only modules in training mode are switched and restored: setting the flag on every
-    # module of a model in eval mode would cost more than a small model's forward pass. The
-    # module list is the anatomy's (walked once), not a fresh walk of the model per call.
-    training = [module for module in anatomy.modules if module.training]
     switched: list[tuple[Any, str, Any]] = []
     try:
         for component, block in components:
@@ -137,16 +145,90 @@ def capture(
                         anatomy.attention_kind, module, block, result, switched, reduce
                     )
                 )
-        if training:
-            anatomy.model.eval()
-        yield result
+        with eval_mode(anatomy):
+            yield result
     finally:
         for handle in handles:
             handle.remove()
         for owner, name, flag in reversed(switched):
             setattr(owner, name, flag)
+
+
+@contextlib.contextmanager
+def eval_mode(anatomy: HookTargets) -> Iterator[None]:
+    """The model in eval mode inside the context; the ``training`` flags restored on exit."""
+    # Only modules in training mode are switched and restored: setting the flag on every
+    # module of a model in eval mode would cost more than a small model's forward pass. The
+    # module list is the anatomy's (walked once), not a fresh walk of the model per call.
+    training = [module for module in anatomy.modules if module.training]
+    try:
+        if training:
+            anatomy.model.eval()
+        yield
+    finally:
         for module in training:
             module.training = True
+
+
+@contextlib.contextmanager
+def intervene(
+    anatomy: HookTargets,
+    outputs: Mapping[nn.Module, Edit] | None = None,
+    inputs: Mapping[nn.Module, Edit] | None = None,
+    attention: Mapping[int, Edit] | None = None,
+) -> Iterator[None]:
+    """Read or replace module outputs, module inputs and attention probabilities.
+
+    Each edit ``f(tensor)`` returns the replacement or ``None`` (keep it; a reader). Edits of
+    nested contexts run in the order the contexts were entered, each seeing the previous one's
+    result (as forward hooks do). The training mode is left as it is.
+
+    Attention probabilities (B, heads, N, N) are edited after the softmax and attention
+    dropout, before they weigh the values: timm reads them at ``attn_drop`` (``fused_attn`` off
+    inside the context); Hugging Face models run an attention function registered with
+    transformers' ``AttentionInterface`` (``config._attn_implementation`` switched inside the
+    context), which calls the model's own ``eager_attention_forward``, edits the probabilities
+    it returns and recomputes ``probabilities @ values`` (modules that are not edited get the
+    eager result unchanged). The registration is removed when the last such context exits.
+
+    Args:
+        anatomy: The model's anatomy (its attention modules and how to edit them).
+        outputs: ``{module: edit}`` of the module's output (the first element of a tuple).
+        inputs: ``{module: edit}`` of the module's first positional input.
+        attention: ``{block: edit}`` of the block's post-softmax attention probabilities.
+
+    Raises:
+        UnsupportedModelError: Where the attention probabilities cannot be edited
+            (``nn.MultiheadAttention``, unknown attention modules, Hugging Face models whose
+            attention does not dispatch through ``AttentionInterface``).
+    """
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    switched: list[tuple[Any, str, Any]] = []
+    registered: list[tuple[nn.Module, Edit]] = []
+    try:
+        for module, edit in (outputs or {}).items():
+            handles.append(module.register_forward_hook(_output_editor(edit)))
+        for module, edit in (inputs or {}).items():
+            handles.append(module.register_forward_pre_hook(_input_editor(edit)))
+        for block, edit in (attention or {}).items():
+            module = _editable_attention(anatomy, block)
+            if anatomy.attention_kind == "hf":
+                _edit_hf_attention(module, edit, switched, registered)
+                handles.append(module.register_forward_pre_hook(_forget_dispatch))
+                handles.append(module.register_forward_hook(_check_dispatched))
+            else:  # timm: probabilities pass through attn_drop when fused attention is off
+                if hasattr(module, "fused_attn"):
+                    switched.append((module, "fused_attn", module.fused_attn))
+                    module.fused_attn = False
+                handles.append(module.attn_drop.register_forward_hook(_output_editor(edit)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, edit in registered:
+            _release_hf_edit(module, edit)
+        for owner, name, flag in reversed(switched):
+            setattr(owner, name, flag)
 
 
 @contextlib.contextmanager
@@ -260,8 +342,9 @@ def _attention_hooks(
         ]
     if kind == "hf":  # eager attention returns (output, probabilities)
         config = module.config
-        switched.append((config, "_attn_implementation", config._attn_implementation))
-        config._attn_implementation = "eager"
+        if config._attn_implementation != EDITED_ATTENTION:  # edited attention returns them too
+            switched.append((config, "_attn_implementation", config._attn_implementation))
+            config._attn_implementation = "eager"
 
         def post_hook(mod: nn.Module, args: tuple, output: tuple) -> None:
             if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
@@ -277,3 +360,125 @@ def _attention_hooks(
         switched.append((module, "fused_attn", module.fused_attn))
         module.fused_attn = False
     return [module.attn_drop.register_forward_hook(lambda mod, args, output: store(output))]
+
+
+def _output_editor(edit: Edit) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        tensor = output[0] if isinstance(output, tuple) else output
+        replaced = edit(tensor)
+        if replaced is None:
+            return None
+        return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+
+    return hook
+
+
+def _input_editor(edit: Edit) -> Callable:
+    def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+        replaced = edit(args[0])
+        return None if replaced is None else (replaced, *args[1:])
+
+    return pre_hook
+
+
+def _editable_attention(anatomy: HookTargets, block: int) -> nn.Module:
+    """The attention module of ``block``, if its probabilities can be edited."""
+    name = type(anatomy.model).__name__
+    if anatomy.attention_modules is None:
+        raise UnsupportedModelError(
+            f"attention probabilities of {name} cannot be edited: "
+            f"{anatomy.attention_reason or 'no supported attention modules found'}"
+        )
+    if anatomy.attention_kind == "mha":
+        raise UnsupportedModelError(
+            f"attention probabilities of {name} cannot be edited: nn.MultiheadAttention "
+            "computes them and their weighted sum in one call, with no hook in between"
+        )
+    module = anatomy.attention_modules[block]
+    if anatomy.attention_kind == "timm" and not hasattr(module, "attn_drop"):
+        raise UnsupportedModelError(
+            f"attention probabilities of {name} cannot be edited: block {block}'s attention "
+            f"({type(module).__name__}) has no attn_drop to read them at"
+        )
+    return module
+
+
+# Hugging Face: {attention module: edits in the order they were entered}, read by
+# _edited_attention while config._attn_implementation names it; _HF_CALLED holds the modules
+# it ran for in the current forward pass, so that an edit that was never applied raises.
+_HF_EDITS: dict[nn.Module, list[Edit]] = {}
+_HF_CALLED: set[nn.Module] = set()
+
+
+def _forget_dispatch(module: nn.Module, args: tuple) -> None:
+    _HF_CALLED.discard(module)
+
+
+def _check_dispatched(module: nn.Module, args: tuple, output: Any) -> None:
+    if module not in _HF_CALLED:
+        raise UnsupportedModelError(
+            f"attention probabilities of {type(module).__name__} cannot be edited: it did not "
+            "call its attention function through transformers' AttentionInterface with itself "
+            "as the module (transformers 5 attention modules do)"
+        )
+
+
+def _edit_hf_attention(
+    module: nn.Module,
+    edit: Edit,
+    switched: list[tuple[Any, str, Any]],
+    registered: list[tuple[nn.Module, Edit]],
+) -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not hasattr(sys.modules[type(module).__module__], "eager_attention_forward"):
+        raise UnsupportedModelError(
+            f"attention probabilities of {type(module).__name__} cannot be edited: its module "
+            "has no eager_attention_forward to dispatch through transformers' AttentionInterface "
+            "(transformers >= 4.48 models do)"
+        )
+    if EDITED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS[EDITED_ATTENTION] = _edited_attention
+    _HF_EDITS.setdefault(module, []).append(edit)
+    registered.append((module, edit))
+    config = module.config
+    if config._attn_implementation != EDITED_ATTENTION:
+        switched.append((config, "_attn_implementation", config._attn_implementation))
+        config._attn_implementation = EDITED_ATTENTION
+
+
+def _release_hf_edit(module: nn.Module, edit: Edit) -> None:
+    """Remove one edit; unregister the attention function once no edit is left."""
+    edits = _HF_EDITS[module]
+    del edits[next(i for i, e in enumerate(edits) if e is edit)]
+    if not edits:
+        del _HF_EDITS[module]
+        _HF_CALLED.discard(module)
+    if not _HF_EDITS:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        del ALL_ATTENTION_FUNCTIONS[EDITED_ATTENTION]
+
+
+def _edited_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's eager attention with the probabilities of edited modules replaced."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    output, probabilities = eager(module, query, key, value, attention_mask, **kwargs)
+    edits = _HF_EDITS.get(module, ())
+    if edits:
+        _HF_CALLED.add(module)
+    edited = False
+    for edit in edits:
+        replaced = edit(probabilities)
+        if replaced is not None:
+            probabilities, edited = replaced, True
+    if edited:  # eager's own output layout: (B, N, heads, head_dim)
+        output = torch.matmul(probabilities, value).transpose(1, 2).contiguous()
+    return output, probabilities

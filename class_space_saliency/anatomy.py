@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import _hooks
-from ._hooks import Capture
+from ._hooks import Capture, Edit
 from .adapters import (
     NormThenHeads,
     Readout,
@@ -417,6 +417,40 @@ class ViTAnatomy:
         """
         with _hooks.capture(self, components, attention, reduce, inputs) as result:
             yield result
+
+    @contextlib.contextmanager
+    def intervene(
+        self,
+        outputs: Mapping[nn.Module, Edit] | None = None,
+        inputs: Mapping[nn.Module, Edit] | None = None,
+        attention: Mapping[int, Edit] | None = None,
+    ) -> Iterator[None]:
+        """Read or replace module outputs, module inputs and attention probabilities.
+
+        Each edit ``f(tensor)`` returns a replacement or ``None`` (keep it). Attention edits
+        see the post-softmax probabilities (B, heads, N, N) before they weigh the values. On
+        exit (also on an exception) every hook, fused-attention flag and attention
+        implementation is restored; nested contexts apply their edits in the order entered.
+        The training mode is left as it is.
+
+        Args:
+            outputs: ``{module: edit}`` of module outputs (a tuple's first element).
+            inputs: ``{module: edit}`` of modules' first positional input.
+            attention: ``{block: edit}`` of post-softmax attention probabilities.
+
+        Raises:
+            UnsupportedModelError: Where attention probabilities cannot be edited.
+
+        Example:
+            >>> anatomy = ViTAnatomy.from_model(model)
+            >>> uniform = lambda probs: torch.full_like(probs, 1 / probs.shape[-1])
+            >>> with anatomy.intervene(attention={0: uniform}):
+            ...     edited = model(images)
+            >>> bool((edited != model(images)).any())  # restored on exit
+            True
+        """
+        with _hooks.intervene(self, outputs, inputs, attention):
+            yield
 
 
 def patch_grid(

@@ -20,6 +20,15 @@ from .identifiability import (
     class_identifiability,
     identifiability,
 )
+from .interventions import (
+    KnockoutResult,
+    PatchingResult,
+    Site,
+    attention_knockout,
+    knockout,
+    patch,
+    patching_grid,
+)
 from .report import ANALYSES, AnalysisReport, AnalysisSpec, run_analyses
 
 __all__ = [
@@ -30,9 +39,16 @@ __all__ = [
     "Batch",
     "Identifiability",
     "IdentifiabilityResult",
+    "KnockoutResult",
+    "PatchingResult",
     "RankHistogram",
+    "Site",
+    "attention_knockout",
     "class_identifiability",
     "identifiability",
+    "knockout",
+    "patch",
+    "patching_grid",
     "run_analyses",
     "stream",
 ]

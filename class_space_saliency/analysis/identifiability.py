@@ -297,6 +297,19 @@ class _Counts:
         self.rate_sum[component] += top1.mean(2).sum(1).cpu() * 100
         self.with_one[component] += top1.amax(2).sum(1).cpu() * 100
 
+    def result(self, layers: list[int], num_images: int) -> IdentifiabilityResult:
+        """The accumulated counts of ``num_images`` images as a result."""
+        component, group = next(iter(self.histograms))
+        return IdentifiabilityResult(
+            layers=layers,
+            components=tuple(self.rate_sum),
+            num_classes=self.histograms[(component, group)].num_classes,
+            num_images=num_images,
+            histograms=self.histograms,
+            image_rate={c: v / num_images for c, v in self.rate_sum.items()},
+            images_with_identifiable={c: v / num_images for c, v in self.with_one.items()},
+        )
+
 
 def _positions(
     anatomy: ViTAnatomy,
@@ -304,8 +317,9 @@ def _positions(
     labels: torch.Tensor,
     components: Sequence[str],
     layers: Sequence[int],
-) -> dict[str, torch.Tensor]:
-    """``{component: (L, B, 1 + h*w)}`` rank positions of the label, from one forward pass.
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``{component: (L, B, 1 + h*w)}`` rank positions of the label and the logits (B, C),
+    from one forward pass.
 
     Column 0 is the [CLS] token the head reads (-1 at blocks that do not hold it yet, e.g.
     ConViT before ``local_up_to_layer``, and for heads that read no [CLS]), the others are
@@ -322,8 +336,8 @@ def _positions(
 
     sites = [(component, block) for component in components for block in layers]
     with torch.no_grad(), anatomy.capture(sites, reduce=reduce) as cap:
-        anatomy.forward(images)
-    return {c: torch.stack([cap.tokens[(c, b)] for b in layers]) for c in components}
+        logits = anatomy.forward(images)
+    return {c: torch.stack([cap.tokens[(c, b)] for b in layers]) for c in components}, logits
 
 
 def _as_anatomy(model: torch.nn.Module | ViTAnatomy, argument: str = "model") -> ViTAnatomy:
@@ -406,7 +420,7 @@ def identifiability(
         anatomy, data, num_images=num_images, batch_size=batch_size, progress=progress,
         desc="identifiability",
     ):  # fmt: skip
-        found = [_positions(a, batch.images, batch.labels, components, layers) for a in models]
+        found = [_positions(a, batch.images, batch.labels, components, layers)[0] for a in models]
         for accumulated, positions in zip(counts, found, strict=True):
             for component in components:
                 accumulated.add(component, positions[component])
@@ -419,20 +433,9 @@ def identifiability(
                 differences[(component, group)].scatter_add_(1, shift * valid, valid.long())
         seen += batch.images.shape[0]
 
-    def result(accumulated: _Counts) -> IdentifiabilityResult:
-        return IdentifiabilityResult(
-            layers=layers,
-            components=components,
-            num_classes=num_classes,
-            num_images=seen,
-            histograms=accumulated.histograms,
-            image_rate={c: v / seen for c, v in accumulated.rate_sum.items()},
-            images_with_identifiable={c: v / seen for c, v in accumulated.with_one.items()},
-        )
-
-    main = result(counts[0])
+    main = counts[0].result(layers, seen)
     if baseline is not None:
-        main.baseline = result(counts[1])
+        main.baseline = counts[1].result(layers, seen)
         main.p_values = {
             key: torch.tensor(
                 [signed_rank_test(row.numpy(), "greater")[1] for row in table], dtype=torch.float64

@@ -7,6 +7,7 @@ what a method should return from the model's submodules, so a test can compare t
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -37,6 +38,7 @@ def attention_by_hand(
     rope: torch.Tensor | None = None,
     num_prefix_tokens: int = 1,
     leaf_probs: bool = False,
+    edit_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One timm attention module (ViT, DeiT, BEiT, EVA, relative-position ViT) by hand.
 
@@ -46,9 +48,11 @@ def attention_by_hand(
         rope: EVA-02's rotary embedding of the image tokens, or None.
         num_prefix_tokens: tokens in front of the image tokens (not rotated).
         leaf_probs: make the probabilities a new autograd leaf (for block-local gradients).
+        edit_probs: replaces the probabilities before they weigh the values (knock-outs).
 
     Returns:
-        ``(probs, out)``: probabilities (B, heads, N, N) and the projected output (B, N, D).
+        ``(probs, out)``: probabilities (B, heads, N, N), edited if ``edit_probs`` is given,
+        and the projected output (B, N, D).
     """
     from timm.layers import apply_rot_embed_cat
 
@@ -80,6 +84,8 @@ def attention_by_hand(
     probs = scores.softmax(-1)
     if leaf_probs:
         probs = probs.detach().requires_grad_(True)
+    if edit_probs is not None:
+        probs = edit_probs(probs)
     out = getattr(attn, "norm", nn.Identity())((probs @ v).transpose(1, 2).reshape(b, n, d))
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(h).sigmoid()
@@ -108,6 +114,7 @@ def block_by_hand(
     leaf_probs: bool = False,
     own_attention: bool = False,
     grid: tuple[int, int] | None = None,
+    edit_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> BlockStates:
     """One timm transformer block by hand: pre-norm (``x + ls1(attn(norm1(x)))``, then the
     MLP alike) or post-norm (:data:`POST_NORM_BLOCKS`: ``x + norm1(attn(x))``, then
@@ -126,6 +133,7 @@ def block_by_hand(
             (attention kinds :func:`attention_by_hand` does not know: ConViT's gated
             positional, CaiT's talking heads, XCiT's cross-covariance); ``probs`` is None.
         grid: the patch grid (h, w) (XCiT's local patch interaction needs it).
+        edit_probs: see :func:`attention_by_hand`.
 
     Returns:
         The block's :class:`BlockStates` (``normed``: the attention's input).
@@ -137,7 +145,9 @@ def block_by_hand(
         probs = None
         out = block.attn(normed) if rope is None else block.attn(normed, rope=rope)
     else:
-        probs, out = attention_by_hand(block.attn, normed, rope, num_prefix_tokens, leaf_probs)
+        probs, out = attention_by_hand(
+            block.attn, normed, rope, num_prefix_tokens, leaf_probs, edit_probs
+        )
     attention = block.norm1(out) if post_norm else _layer_scaled(block, 1, out)
     x = x + attention
     if hasattr(block, "local_mp"):  # XCiT: local patch interaction on the grid
@@ -175,7 +185,10 @@ def embed_by_hand(
 
 
 def token_states(
-    model: nn.Module, images: torch.Tensor, leaf_block: int | None = None
+    model: nn.Module,
+    images: torch.Tensor,
+    leaf_block: int | None = None,
+    edit_probs: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, list[torch.Tensor]]:
     """Token states of every block, recomputed by hand from the model's submodules.
 
@@ -190,6 +203,8 @@ def token_states(
             (returned as ``"leaf"``), for Grad-CAM references: ``norm1(x)`` of a pre-norm
             block; the incoming stream ``x`` itself of a post-norm block (it enters both
             the attention and the residual path).
+        edit_probs: timm only: ``f(block, probs) -> probs`` replaces each block's attention
+            probabilities before they weigh the values (knock-out references).
 
     Returns:
         ``{"residual", "attention", "mlp", "attn_probs"}``: lists over blocks of (B, N, D)
@@ -207,8 +222,8 @@ def token_states(
         key: [] for key in ("residual", "attention", "mlp", "attn_probs", "leaf")
     }
     if isinstance(model, torchvision.models.VisionTransformer):
-        if leaf_block is not None:
-            raise ValueError("leaf_block is only supported for timm models")
+        if leaf_block is not None or edit_probs is not None:
+            raise ValueError("leaf_block and edit_probs are only supported for timm models")
         x = model._process_input(images)
         x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], 1)
         x = x + model.encoder.pos_embedding
@@ -233,7 +248,8 @@ def token_states(
         elif i == leaf_block:
             normed = block.norm1(x).detach().requires_grad_(True)
             states["leaf"].append(normed)
-        out = block_by_hand(block, x, rope, npt, normed)
+        edit = None if edit_probs is None else partial(edit_probs, i)
+        out = block_by_hand(block, x, rope, npt, normed, edit_probs=edit)
         x = out.output
         for key, value in zip(states, (x, out.attention, out.mlp, out.probs), strict=False):
             states[key].append(value)
