@@ -37,7 +37,7 @@ al.'s code) or ``"nearest"`` (every pixel takes its patch's value: patch-aligned
 
 
 def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
-    """Upsample (B, K, h, w) patch maps to (B, K, H, W).
+    """Upsample (B, K, h, w) patch maps to (B, K, H, W) (or (B, ..., h, w) to (B, ..., H, W)).
 
     Bilinear interpolation is computed in float64 and rounded to the maps' dtype (float32
     kernels give pixels of mathematically equal value, e.g. the clamped border rows, values
@@ -46,12 +46,12 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear
     the maps' dtype.
 
     Args:
-        maps: (B, K, h, w) floating-point maps.
+        maps: (B, K, h, w) floating-point maps, or (B, ..., h, w) (e.g. per block and head).
         size: Output (H, W).
         mode: One of :data:`UPSAMPLE_MODES`.
 
     Returns:
-        (B, K, H, W) maps of the input's dtype.
+        (B, K, H, W) maps of the input's dtype ((B, ..., H, W) for more leading dimensions).
 
     Example:
         >>> patches = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
@@ -61,6 +61,9 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear
         tensor([0., 0., 1., 1.])
     """
     check_choice("mode", mode, UPSAMPLE_MODES)
+    if maps.dim() > 4:  # (B, L, H, h, w) per-head maps: one (B, L*H, h, w) interpolation
+        flat = upsample_maps(maps.flatten(1, -3), size, mode)
+        return flat.reshape(*maps.shape[:-2], *flat.shape[-2:])
     if mode == "nearest":
         return F.interpolate(maps, size=tuple(size), mode="nearest")
     exact = maps if maps.device.type == "mps" else maps.double()
@@ -84,10 +87,10 @@ def input_shaped_maps(maps: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     Captum's metrics (``infidelity``) and Quantus-style code expect attributions with the
     shape of the inputs; every channel of a pixel gets the map value of that pixel.
     """
-    if maps.shape[1] != 1:
+    if maps.dim() != 4 or maps.shape[1] != 1:
         raise ValueError(
-            f"input_shaped=True needs one map per image, got {maps.shape[1]} "
-            "(per_layer=True cannot be combined with input_shaped=True)"
+            f"input_shaped=True needs one map per image, got maps of shape {tuple(maps.shape)} "
+            "(per_layer=True or per_head=True cannot be combined with input_shaped=True)"
         )
     if maps.shape[-2:] != inputs.shape[-2:]:
         maps = upsample_maps(maps, inputs.shape[-2:])
@@ -392,7 +395,8 @@ class SaliencyMethod(Attribution):
 
         Returns:
             float32 maps (B, 1, h, w) on the input's device (B, K, h, w where an option asks
-            for K maps per image); higher = more important.
+            for K maps per image, e.g. ``per_layer``; B, L, H, h, w for ``per_head``); higher
+            = more important.
 
         Raises:
             TypeError: For inputs or targets of the wrong type, an unknown option or an
