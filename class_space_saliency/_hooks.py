@@ -10,7 +10,7 @@ is removed and every ``training`` and attention flag that was switched is restor
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 Reduce = Callable[[str, int, torch.Tensor], torch.Tensor]
 """``f(component, block, tokens) -> tensor``, applied inside a token hook."""
+
+MODULE_SIDES = ("input", "output")
+"""Which tensor of a module :func:`capture` records for a ``modules`` site."""
 
 
 @dataclass
@@ -48,6 +51,7 @@ def capture(
     components: Sequence[tuple[str, int]] = (),
     attention: Sequence[int] = (),
     reduce: Reduce | None = None,
+    modules: Mapping[tuple[str, int], tuple[nn.Module, str]] | None = None,
 ) -> Iterator[Capture]:
     """Record token states and attention probabilities during the next forward pass.
 
@@ -62,6 +66,9 @@ def capture(
         attention: Blocks whose post-softmax attention probabilities to record.
         reduce: Optional ``f(component, block, tokens) -> tensor`` applied inside the
             hook so that only its (smaller) result is kept.
+        modules: Further sites ``{(name, block): (module, side)}``: the first input
+            (``side="input"``) or the output of any submodule, e.g. an MLP's first linear;
+            recorded in ``Capture.tokens[(name, block)]``, through ``reduce`` like tokens.
 
     Yields:
         A :class:`Capture`, filled by the forward pass run inside the context.
@@ -84,6 +91,14 @@ def capture(
                     _token_hook(result, component, block, reduce, scale)
                 )
             )
+        for (name, block), (module, side) in (modules or {}).items():
+            if side not in MODULE_SIDES:
+                raise ValueError(f"module side must be one of {MODULE_SIDES}, got {side!r}")
+            hook = _token_hook(result, name, block, reduce, None)
+            if side == "input":
+                handles.append(module.register_forward_pre_hook(_on_first_input(hook)))
+            else:
+                handles.append(module.register_forward_hook(hook))
         if attention:
             if anatomy.attention_modules is None:
                 raise ValueError(
@@ -146,6 +161,16 @@ def _token_hook(
         )
 
     return hook
+
+
+def _on_first_input(hook: Callable) -> Callable:
+    """A forward pre-hook that hands a module's inputs to the output ``hook`` of
+    :func:`_token_hook` (which keeps the first entry of a tuple)."""
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        hook(module, (), args)
+
+    return pre_hook
 
 
 def _attention_hooks(

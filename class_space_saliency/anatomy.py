@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,6 +307,7 @@ class ViTAnatomy:
         components: Sequence[tuple[str, int]] = (),
         attention: Sequence[int] = (),
         reduce: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None,
+        modules: Mapping[tuple[str, int], tuple[nn.Module, str]] | None = None,
     ) -> Iterator[Capture]:
         """Record token states and attention probabilities during the next forward pass.
 
@@ -320,6 +321,9 @@ class ViTAnatomy:
             attention: Blocks whose post-softmax attention probabilities to record.
             reduce: Optional ``f(component, block, tokens) -> tensor`` applied inside the
                 hook so that only its (smaller) result is kept.
+            modules: Further sites ``{(name, block): (module, "input" | "output")}``: the
+                first input or the output of any submodule (e.g. the keys of an MLP's
+                memories, its first linear's output), kept in ``tokens[(name, block)]``.
 
         Yields:
             A :class:`Capture`, filled by the forward pass run inside the context.
@@ -331,7 +335,7 @@ class ViTAnatomy:
             >>> cap.tokens[("residual", anatomy.depth - 1)].shape  # (B, N, D)
             torch.Size([3, 17, 32])
         """
-        with _hooks.capture(self, components, attention, reduce) as result:
+        with _hooks.capture(self, components, attention, reduce, modules) as result:
             yield result
 
 
