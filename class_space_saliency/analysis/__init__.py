@@ -20,14 +20,28 @@ from .identifiability import (
     class_identifiability,
     identifiability,
 )
+from .memories import (
+    KeyValueAgreementResult,
+    ValueVectorClasses,
+    ValueVectorsResult,
+    key_value_agreement,
+    value_vector_classes,
+    value_vectors,
+)
 
 __all__ = [
     "AnalysisResult",
     "Batch",
     "Identifiability",
     "IdentifiabilityResult",
+    "KeyValueAgreementResult",
     "RankHistogram",
+    "ValueVectorClasses",
+    "ValueVectorsResult",
     "class_identifiability",
     "identifiability",
+    "key_value_agreement",
     "stream",
+    "value_vector_classes",
+    "value_vectors",
 ]
