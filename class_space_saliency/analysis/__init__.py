@@ -12,6 +12,7 @@ Example:
     torch.Size([3])
 """
 
+from ..probing import LinearProbes
 from ._result import AnalysisResult
 from ._stream import Batch, RankHistogram, stream
 from .identifiability import (
@@ -28,6 +29,7 @@ from .memories import (
     value_vector_classes,
     value_vectors,
 )
+from .probes import LinearProbesResult, linear_probes
 
 __all__ = [
     "AnalysisResult",
@@ -35,12 +37,15 @@ __all__ = [
     "Identifiability",
     "IdentifiabilityResult",
     "KeyValueAgreementResult",
+    "LinearProbes",
+    "LinearProbesResult",
     "RankHistogram",
     "ValueVectorClasses",
     "ValueVectorsResult",
     "class_identifiability",
     "identifiability",
     "key_value_agreement",
+    "linear_probes",
     "stream",
     "value_vector_classes",
     "value_vectors",
