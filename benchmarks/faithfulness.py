@@ -117,7 +117,7 @@ def main() -> None:
     model = model.to(device)
     data = load_default_eval(args.num_images, dataset=args.model, masks=True, preprocessing=prep)
     methods = {
-        "main": {name: create_method(name, model) for name in list_methods()},
+        "main": {name: create_method(name, model) for name in list_methods(needs_fitting=False)},
         "ablation": {
             **{name: create_method("class_space", model, **kw) for name, kw in ABLATION.items()},
             "random": create_method("random", model),

@@ -22,7 +22,14 @@ from torch import nn
 
 from .base import SaliencyMethod
 
-FLAGS = ("needs_gradients", "class_specific", "needs_attention", "needs_cls", "model_agnostic")
+FLAGS = (
+    "needs_gradients",
+    "class_specific",
+    "needs_attention",
+    "needs_cls",
+    "model_agnostic",
+    "needs_fitting",
+)
 """The boolean fields of :class:`MethodInfo`, each a filter of :func:`list_methods`."""
 
 COSTS = ("no model pass", "forward only", "forward + backward")
@@ -44,6 +51,9 @@ class MethodInfo:
             where it also needs gradients); checked when the method is built.
         needs_cls: Needs a [CLS] token that the head reads; checked when it is built.
         model_agnostic: Never runs the model (controls); works on any image classifier.
+        needs_fitting: Built from parameters fitted beforehand on the model's token states
+            (``linear_probe``'s ``probes=``): ``create_method`` needs them, so code that
+            builds methods from their names alone lists ``needs_fitting=False``.
         fixed_options: Options a named variant fixes (empty for a registered method).
         variant_of: The registered method a variant builds, else ``None``.
     """
@@ -55,6 +65,7 @@ class MethodInfo:
     needs_attention: bool = False
     needs_cls: bool = False
     model_agnostic: bool = False
+    needs_fitting: bool = False
     fixed_options: Mapping[str, Any] = field(default_factory=dict)
     variant_of: str | None = None
 
@@ -115,6 +126,7 @@ def register_method(
     needs_attention: bool = False,
     needs_cls: bool = False,
     model_agnostic: bool = False,
+    needs_fitting: bool = False,
 ) -> Callable[[Method], Method]:
     """Class decorator: register a :class:`~.base.SaliencyMethod` subclass under ``name``.
 
@@ -128,6 +140,8 @@ def register_method(
         needs_attention: The method reads attention probabilities.
         needs_cls: The method needs a [CLS] token that the head reads.
         model_agnostic: The method never runs the model.
+        needs_fitting: The method is built from fitted parameters (a constructor option
+            without a default).
 
     Returns:
         The decorator (it returns the class unchanged apart from ``info`` and ``cost``).
@@ -158,6 +172,7 @@ def register_method(
             needs_attention=needs_attention,
             needs_cls=needs_cls,
             model_agnostic=model_agnostic,
+            needs_fitting=needs_fitting,
         )
         _add(info)
         cls.info = info
