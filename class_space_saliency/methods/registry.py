@@ -8,7 +8,7 @@ tests list methods with :func:`list_methods` and build them with :func:`create_m
 Example:
     >>> from class_space_saliency import list_methods
     >>> list_methods(needs_gradients=False, model_agnostic=False, variants=False)
-    ['class_space', 'rollout', 'raw_attention']
+    ['class_space', 'rollout', 'raw_attention', 'linear_probe']
 """
 
 from __future__ import annotations
