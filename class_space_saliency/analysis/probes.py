@@ -307,9 +307,18 @@ class _NormalEquations:
             self.cross[index] += torch.einsum("bpd,bc->pdc", rows, targets)
 
     def solve(self, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weights (..., C, D), biases (..., C))`` float32 on the CPU."""
-        weights, biases = ridge_from_normal_equations(self.gram.cpu(), self.cross.cpu(), alpha)
-        return weights.float(), biases.float()
+        """``(weights (..., C, D), biases (..., C))`` float32 on the CPU.
+
+        Solved one leading index (block, or curve size) at a time: the solve's temporaries
+        are a few times the size of the equations they solve.
+        """
+        solved = [
+            ridge_from_normal_equations(gram.cpu(), cross.cpu(), alpha)
+            for gram, cross in zip(self.gram, self.cross, strict=True)
+        ]
+        return torch.stack([w for w, _ in solved]).float(), torch.stack(
+            [b for _, b in solved]
+        ).float()
 
 
 def _resolve_positions(positions: str | Sequence[int | str]) -> tuple[str | int, ...]:
