@@ -773,6 +773,8 @@ def key_value_agreement(
         with torch.no_grad(), anatomy.capture(sites, reduce=reduce, modules=key_sites) as cap:
             cap.output = anatomy.forward(batch.images)
         controls = control_classes(batch.labels, batch.offset, num_classes, seed)
+        tokens_per_image = cap.tokens[sites[0]].shape[1]  # (B, N) top-1 classes
+        tokens_seen += len(batch.labels) * tokens_per_image
         rate, control, cls_agrees = {}, {}, {}
         for c in components:
             found: dict[str, list[torch.Tensor]] = {"rate": [], "control": [], "cls": []}
@@ -792,8 +794,6 @@ def key_value_agreement(
             control[c] = torch.stack(found["control"], 1)
             if cls is not None:
                 cls_agrees[c] = torch.stack(found["cls"], 1)
-        tokens_per_image = top.shape[1]
-        tokens_seen += top.shape[0] * tokens_per_image
         collected["rate"].append(rate)
         collected["control"].append(control)
         collected["cls"].append(cls_agrees)
