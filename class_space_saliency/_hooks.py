@@ -63,6 +63,9 @@ EDITED_ATTENTION = "class_space_saliency_edited"
 """The name under which :func:`intervene` registers its attention function with transformers'
 ``AttentionInterface`` while Hugging Face attention is being edited."""
 
+MODULE_SIDES = ("input", "output")
+"""Which tensor of a module :func:`capture` records for a ``modules`` site."""
+
 
 @dataclass
 class Capture:
@@ -91,6 +94,7 @@ def capture(
     attention: Sequence[int] = (),
     reduce: Reduce | None = None,
     inputs: Sequence[tuple[str, int]] = (),
+    modules: Mapping[tuple[str, int], tuple[nn.Module, str]] | None = None,
 ) -> Iterator[Capture]:
     """Record token states, attention probabilities and module inputs in the next forward pass.
 
@@ -106,7 +110,10 @@ def capture(
         reduce: Optional ``f(kind, block, tensor) -> tensor`` (see :data:`Reduce`) applied
             inside the hook so that only its (smaller) result is kept.
         inputs: ``(site, block)`` pairs whose module input to record (see
-            :data:`INPUT_SITES`).
+            :data:`INPUT_SITES`), in ``Capture.inputs``.
+        modules: Further sites ``{(name, block): (module, side)}``: the token input
+            (``side="input"``) or the output of any submodule, e.g. an MLP's first linear;
+            recorded in ``Capture.tokens[(name, block)]``, through ``reduce`` like tokens.
 
     Yields:
         A :class:`Capture`, filled by the forward pass run inside the context.
@@ -131,6 +138,14 @@ def capture(
                     _input_hook(result, site, block, reduce), with_kwargs=True
                 )
             )
+        for (name, block), (module, side) in (modules or {}).items():
+            if side not in MODULE_SIDES:
+                raise ValueError(f"module side must be one of {MODULE_SIDES}, got {side!r}")
+            hook = _token_hook(result, name, block, reduce, None)
+            if side == "input":
+                handles.append(module.register_forward_pre_hook(_on_input(hook), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(hook))
         if attention:
             if anatomy.attention_modules is None:
                 raise ValueError(
@@ -292,23 +307,39 @@ def _input_module(anatomy: HookTargets, site: str, block: int) -> nn.Module:
     return anatomy.attention_modules[block]
 
 
-INPUT_KEYWORDS = ("hidden_states", "x", "query", "q_x")
+INPUT_KEYWORDS = ("hidden_states", "x", "query", "q_x", "input")
 """Keyword names under which blocks and attention modules take their token input."""
+
+
+def _token_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The token tensor a module is called with: its first argument or a known keyword."""
+    named = (kwargs[k] for k in INPUT_KEYWORDS if k in kwargs)
+    tokens = args[0] if args else next(named, None)
+    if not isinstance(tokens, torch.Tensor):
+        raise UnsupportedModelError(
+            f"{type(module).__name__} takes no token tensor as its first argument or as "
+            f"one of {INPUT_KEYWORDS}"
+        )
+    return tokens
 
 
 def _input_hook(result: Capture, site: str, block: int, reduce: Reduce | None) -> Callable:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        named = (kwargs[k] for k in INPUT_KEYWORDS if k in kwargs)
-        tokens = args[0] if args else next(named, None)
-        if not isinstance(tokens, torch.Tensor):
-            raise UnsupportedModelError(
-                f"{type(module).__name__} takes no token tensor as its first argument or as "
-                f"one of {INPUT_KEYWORDS}"
-            )
+        tokens = _token_input(module, args, kwargs)
         kind = f"{site}_input"
         result.inputs[(site, block)] = tokens if reduce is None else reduce(kind, block, tokens)
 
     return hook
+
+
+def _on_input(hook: Callable) -> Callable:
+    """A forward pre-hook that hands a module's token input to the output ``hook`` of
+    :func:`_token_hook`."""
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hook(module, (), _token_input(module, args, kwargs))
+
+    return pre_hook
 
 
 def _attention_hooks(

@@ -121,6 +121,76 @@ def signed_rank_test(
     return statistic, p_value
 
 
+EXACT_SIGNED_RANK_LIMIT = 50
+"""Pairs up to which :func:`paired_signed_rank_test` uses the exact null distribution."""
+
+
+def paired_signed_rank_test(
+    first: np.ndarray | torch.Tensor,
+    second: np.ndarray | torch.Tensor,
+    alternative: str = "greater",
+) -> tuple[float, float]:
+    """Wilcoxon signed-rank test of paired real values (e.g. per-class scores of two models).
+
+    Zero differences are dropped. With at most :data:`EXACT_SIGNED_RANK_LIMIT` nonzero pairs
+    and no tied magnitudes the p-value is exact (the statistic's distribution over all
+    ``2^n`` sign assignments, as ``scipy.stats.wilcoxon(method="exact")``); otherwise it is
+    the normal approximation with the tie correction of :func:`signed_rank_test` (the test
+    depends on the differences only through their signs and the order of their magnitudes,
+    so they enter it as signed dense ranks), as ``method="approx"``.
+
+    Args:
+        first: (n,) values of the first member of each pair.
+        second: (n,) values of the second member.
+        alternative: ``"greater"`` (first tends to be larger), ``"less"`` or ``"two-sided"``.
+
+    Returns:
+        ``(statistic, p_value)`` as :func:`signed_rank_test` (NaN without a nonzero pair).
+
+    Raises:
+        ValueError: For arrays that are not (n,) of one shape, or an unknown alternative.
+
+    Example:
+        >>> statistic, p = paired_signed_rank_test(np.arange(1.0, 6.0), np.zeros(5))
+        >>> statistic, p  # every sign positive: 1 of 2^5 assignments
+        (15.0, 0.03125)
+    """
+    first, second = (
+        np.asarray(t.detach().cpu() if isinstance(t, torch.Tensor) else t, dtype=np.float64)
+        for t in (first, second)
+    )
+    if first.shape != second.shape or first.ndim != 1:
+        raise ValueError(
+            f"first and second must be (n,) arrays of one shape, got {first.shape} and "
+            f"{second.shape}"
+        )
+    differences = first - second
+    differences = differences[differences != 0]
+    magnitudes, dense = np.unique(np.abs(differences), return_inverse=True)
+    signed = np.sign(differences).astype(np.int64) * (dense + 1)
+    n = differences.size
+    if n == 0 or n > EXACT_SIGNED_RANK_LIMIT or magnitudes.size < n:
+        histogram = np.bincount(signed + magnitudes.size, minlength=2 * magnitudes.size + 1)
+        return signed_rank_test(histogram, alternative)
+    if alternative not in ("greater", "less", "two-sided"):
+        raise ValueError(
+            f"alternative must be 'greater', 'less' or 'two-sided', got {alternative!r}"
+        )
+    statistic = int(signed[signed > 0].sum())  # ranks are the dense ranks: no ties
+    counts = np.zeros(n * (n + 1) // 2 + 1)  # sign assignments per positive rank sum
+    counts[0] = 1
+    for rank in range(1, n + 1):
+        counts[rank:] = counts[rank:] + counts[:-rank].copy()
+    probability = counts / counts.sum()
+    upper = float(probability[statistic:].sum())
+    lower = float(probability[: statistic + 1].sum())
+    if alternative == "greater":
+        return float(statistic), upper
+    if alternative == "less":
+        return float(statistic), lower
+    return float(min(statistic, n * (n + 1) // 2 - statistic)), min(1.0, 2 * min(upper, lower))
+
+
 def permutation_test(
     first: np.ndarray | torch.Tensor,
     second: np.ndarray | torch.Tensor,

@@ -386,6 +386,7 @@ class ViTAnatomy:
         attention: Sequence[int] = (),
         reduce: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None,
         inputs: Sequence[tuple[str, int]] = (),
+        modules: Mapping[tuple[str, int], tuple[nn.Module, str]] | None = None,
     ) -> Iterator[Capture]:
         """Record token states, attention probabilities and module inputs in the next forward.
 
@@ -404,6 +405,9 @@ class ViTAnatomy:
             inputs: ``(site, block)`` pairs whose module input to record: ``"block"`` (the
                 residual stream entering the block; block 0's is the embedding) or
                 ``"attention"`` (the normalised tokens the attention module reads).
+            modules: Further sites ``{(name, block): (module, "input" | "output")}``: the
+                token input or the output of any submodule (e.g. the keys of an MLP's
+                memories, its first linear's output), kept in ``tokens[(name, block)]``.
 
         Yields:
             A :class:`Capture`, filled by the forward pass run inside the context.
@@ -415,7 +419,7 @@ class ViTAnatomy:
             >>> cap.tokens[("residual", anatomy.depth - 1)].shape  # (B, N, D)
             torch.Size([3, 17, 32])
         """
-        with _hooks.capture(self, components, attention, reduce, inputs) as result:
+        with _hooks.capture(self, components, attention, reduce, inputs, modules) as result:
             yield result
 
     @contextlib.contextmanager

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``class-space-saliency``."""
     from .methods import list_methods
 
-    names = sorted(list_methods())
+    names = sorted(list_methods(needs_fitting=False))  # fitted methods need more than a name
 
     parser = argparse.ArgumentParser(
         prog="class-space-saliency",
@@ -357,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "--methods",
         nargs="+",
-        default=list(dict.fromkeys((*DEMO_METHODS, *sorted(list_methods(variants=False))))),
+        default=list(
+            dict.fromkeys(
+                (*DEMO_METHODS, *sorted(list_methods(variants=False, needs_fitting=False)))
+            )
+        ),
         choices=names,
         help="methods for the side-by-side figure",
     )

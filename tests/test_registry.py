@@ -27,6 +27,7 @@ from class_space_saliency.methods import (
     register_variant,
     unregister_method,
 )
+from class_space_saliency.testing import build_method
 
 PACKAGE = Path(class_space_saliency.__file__).parent
 NUM_CLASSES = 6
@@ -72,7 +73,7 @@ def test_every_method_and_variant_is_listed_and_built(model, images):
     assert names[: len(METHODS)] == list(METHODS) and names[len(METHODS) :] == list(VARIANTS)
     assert "class_space_gradient_paper" in names and "class_space" in names
     for name in names:
-        explainer = create_method(name, model)
+        explainer = build_method(name, model)
         assert isinstance(explainer, method_info(name).method)
         assert explainer.attribute(images, target=[1, 2]).shape == (2, 1, 4, 4)
 
@@ -85,7 +86,7 @@ def test_class_agnostic_methods_ignore_the_target(model, images, name):
 
 @pytest.mark.parametrize("name", list_methods(class_specific=True))
 def test_class_specific_methods_depend_on_the_target(model, images, name):
-    explainer = create_method(name, model)
+    explainer = build_method(name, model)
     assert not torch.allclose(explainer.attribute(images, target=0), explainer.attribute(images, 5))
 
 
@@ -104,9 +105,10 @@ def test_model_agnostic_methods_never_run_the_model(model, images, name):
 
 @pytest.mark.parametrize("name", list_methods(model_agnostic=False))
 def test_model_methods_run_the_model(model, images, name):
+    explainer = build_method(name, model)  # fitting (probes) runs the model: build first
     calls, handle = count_forwards(model)
     try:
-        create_method(name, model).attribute(images, target=1)
+        explainer.attribute(images, target=1)
     finally:
         handle.remove()
     assert len(calls) >= 1
@@ -116,7 +118,7 @@ def test_model_methods_run_the_model(model, images, name):
 def test_gradient_free_methods_run_in_inference_mode(model, name):
     with torch.inference_mode():
         images = torch.randn(2, 3, 16, 16)
-        assert create_method(name, model).attribute(images, target=1).shape == (2, 1, 4, 4)
+        assert build_method(name, model).attribute(images, target=1).shape == (2, 1, 4, 4)
 
 
 @pytest.mark.parametrize("name", list_methods(needs_gradients=True))
@@ -134,7 +136,7 @@ def test_needs_cls_is_checked_on_pooled_models():
             with pytest.raises(UnsupportedModelError, match=r"\[CLS\]"):
                 create_method(name, pooled)
         else:
-            create_method(name, pooled)
+            build_method(name, pooled).attribute(torch.randn(1, 3, 16, 16), target=0)
 
 
 def test_needs_attention_is_checked_where_attention_cannot_be_read():
@@ -161,7 +163,9 @@ def test_filters_combine_and_variants_follow_their_method():
         "class_space_contributions",
         "rollout",
         "raw_attention",
+        "linear_probe",
     ]
+    assert list_methods(needs_fitting=True) == ["linear_probe"]
     paper, base = method_info("class_space_gradient_paper"), method_info("class_space_gradient")
     assert all(getattr(paper, flag) == getattr(base, flag) for flag in FLAGS)
     assert paper.variant_of == "class_space_gradient" and dict(paper.fixed_options) == {

@@ -13,6 +13,7 @@ from scipy.stats import rankdata, spearmanr, wilcoxon
 from class_space_saliency import sanity
 from class_space_saliency._stats import (
     average_ranks,
+    paired_signed_rank_test,
     permutation_test,
     signed_rank_test,
     spearman,
@@ -78,6 +79,34 @@ def test_signed_rank_test_edge_cases():
         signed_rank_test(np.array([1, 2]))
     with pytest.raises(ValueError, match="alternative"):
         signed_rank_test(np.array([1, 2, 3]), "bigger")
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
+@pytest.mark.parametrize("n", [7, 10, 50, 51, 400])
+def test_paired_signed_rank_test_matches_scipy(alternative, n):
+    # real-valued pairs (per-class scores of two models): exact up to 50 pairs, as scipy
+    rng = np.random.default_rng(n)
+    first, second = rng.normal(size=n) + 0.2, rng.normal(size=n)
+    expected = wilcoxon(
+        first, second, alternative=alternative, method="exact" if n <= 50 else "approx"
+    )
+    statistic, p_value = paired_signed_rank_test(first, second, alternative)
+    assert statistic == pytest.approx(float(expected.statistic))
+    assert p_value == pytest.approx(float(expected.pvalue), rel=1e-9)
+
+
+def test_paired_signed_rank_test_with_ties_and_zeros_is_the_approximation():
+    rng = np.random.default_rng(1)
+    first, second = rng.integers(0, 5, 40) / 4, rng.integers(0, 5, 40) / 4
+    expected = wilcoxon(first, second, alternative="greater", method="approx")
+    statistic, p_value = paired_signed_rank_test(torch.tensor(first), second, "greater")
+    assert statistic == pytest.approx(float(expected.statistic))
+    assert p_value == pytest.approx(float(expected.pvalue), rel=1e-9)
+    assert math.isnan(paired_signed_rank_test(first, first)[1])
+    with pytest.raises(ValueError, match="one shape"):
+        paired_signed_rank_test(first, second[:3])
+    with pytest.raises(ValueError, match="alternative"):
+        paired_signed_rank_test(np.arange(3.0), np.zeros(3), "bigger")
 
 
 def test_permutation_test_matches_shuffling():

@@ -12,6 +12,7 @@ Example:
     torch.Size([3])
 """
 
+from ..probing import LinearProbes
 from ._result import AnalysisResult
 from ._stream import Batch, RankHistogram, stream
 from .identifiability import (
@@ -29,6 +30,15 @@ from .interventions import (
     patch,
     patching_grid,
 )
+from .memories import (
+    KeyValueAgreementResult,
+    ValueVectorClasses,
+    ValueVectorsResult,
+    key_value_agreement,
+    value_vector_classes,
+    value_vectors,
+)
+from .probes import LinearProbesResult, linear_probes
 from .report import ANALYSES, AnalysisReport, AnalysisSpec, run_analyses
 
 __all__ = [
@@ -39,16 +49,25 @@ __all__ = [
     "Batch",
     "Identifiability",
     "IdentifiabilityResult",
+    "KeyValueAgreementResult",
     "KnockoutResult",
+    "LinearProbes",
+    "LinearProbesResult",
     "PatchingResult",
     "RankHistogram",
     "Site",
+    "ValueVectorClasses",
+    "ValueVectorsResult",
     "attention_knockout",
     "class_identifiability",
     "identifiability",
+    "key_value_agreement",
     "knockout",
+    "linear_probes",
     "patch",
     "patching_grid",
     "run_analyses",
     "stream",
+    "value_vector_classes",
+    "value_vectors",
 ]

@@ -19,6 +19,7 @@ from .gradcam import GradCAM, GradCAMOptions
 from .rollout import AttentionRollout, RolloutOptions
 from .chefer import CheferRollout
 from .raw_attention import RawAttention, RawAttentionOptions
+from .linear_probe import LinearProbeOptions, LinearProbeSaliency
 from .controls import IntensitySaliency, RandomOptions, RandomSaliency, SobelSaliency
 from .registry import (
     COSTS,
@@ -54,6 +55,8 @@ __all__ = [
     "GradCAM",
     "GradCAMOptions",
     "IntensitySaliency",
+    "LinearProbeOptions",
+    "LinearProbeSaliency",
     "MethodInfo",
     "MethodOptions",
     "RandomOptions",

@@ -37,7 +37,7 @@ al.'s code) or ``"nearest"`` (every pixel takes its patch's value: patch-aligned
 
 
 def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
-    """Upsample (B, K, h, w) patch maps to (B, K, H, W).
+    """Upsample (B, K, h, w) patch maps to (B, K, H, W) (or (B, ..., h, w) to (B, ..., H, W)).
 
     Bilinear interpolation is computed in float64 and rounded to the maps' dtype (float32
     kernels give pixels of mathematically equal value, e.g. the clamped border rows, values
@@ -46,12 +46,12 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear
     the maps' dtype.
 
     Args:
-        maps: (B, K, h, w) floating-point maps.
+        maps: (B, K, h, w) floating-point maps, or (B, ..., h, w) (e.g. per block and head).
         size: Output (H, W).
         mode: One of :data:`UPSAMPLE_MODES`.
 
     Returns:
-        (B, K, H, W) maps of the input's dtype.
+        (B, K, H, W) maps of the input's dtype ((B, ..., H, W) for more leading dimensions).
 
     Example:
         >>> patches = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
@@ -61,6 +61,9 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear
         tensor([0., 0., 1., 1.])
     """
     check_choice("mode", mode, UPSAMPLE_MODES)
+    if maps.dim() > 4:  # (B, L, H, h, w) per-head maps: one (B, L*H, h, w) interpolation
+        flat = upsample_maps(maps.flatten(1, -3), size, mode)
+        return flat.reshape(*maps.shape[:-2], *flat.shape[-2:])
     if mode == "nearest":
         return F.interpolate(maps, size=tuple(size), mode="nearest")
     exact = maps if maps.device.type == "mps" else maps.double()
@@ -84,10 +87,10 @@ def input_shaped_maps(maps: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     Captum's metrics (``infidelity``) and Quantus-style code expect attributions with the
     shape of the inputs; every channel of a pixel gets the map value of that pixel.
     """
-    if maps.shape[1] != 1:
+    if maps.dim() != 4 or maps.shape[1] != 1:
         raise ValueError(
-            f"input_shaped=True needs one map per image, got {maps.shape[1]} "
-            "(per_layer=True cannot be combined with input_shaped=True)"
+            f"input_shaped=True needs one map per image, got maps of shape {tuple(maps.shape)} "
+            "(per_layer=True or per_head=True cannot be combined with input_shaped=True)"
         )
     if maps.shape[-2:] != inputs.shape[-2:]:
         maps = upsample_maps(maps, inputs.shape[-2:])
@@ -398,7 +401,8 @@ class SaliencyMethod(Attribution):
 
         Returns:
             float32 maps (B, 1, h, w) on the input's device (B, K, h, w where an option asks
-            for K maps per image); higher = more important.
+            for K maps per image, e.g. ``per_layer``; B, L, H, h, w for ``per_head``); higher
+            = more important.
 
         Raises:
             TypeError: For inputs or targets of the wrong type, an unknown option or an
@@ -449,7 +453,14 @@ def _final_for_captum(attribute: Any) -> Any:
 SaliencyMethod.attribute = _final_for_captum(SaliencyMethod.attribute)
 
 
-FLAGS = ("needs_gradients", "class_specific", "needs_attention", "needs_cls", "model_agnostic")
+FLAGS = (
+    "needs_gradients",
+    "class_specific",
+    "needs_attention",
+    "needs_cls",
+    "model_agnostic",
+    "needs_fitting",
+)
 """The boolean fields of :class:`MethodInfo`, each a filter of :func:`list_methods`."""
 
 COSTS = ("no model pass", "forward only", "forward + backward")
@@ -471,6 +482,9 @@ class MethodInfo:
             where it also needs gradients); checked when the method is built.
         needs_cls: Needs a [CLS] token that the head reads; checked when it is built.
         model_agnostic: Never runs the model (controls); works on any image classifier.
+        needs_fitting: Built from parameters fitted beforehand on the model's token states
+            (``linear_probe``'s ``probes=``): ``create_method`` needs them, so code that
+            builds methods from their names alone lists ``needs_fitting=False``.
         fixed_options: Options a named variant fixes (empty for a registered method).
         variant_of: The registered method a variant builds, else ``None``.
     """
@@ -482,6 +496,7 @@ class MethodInfo:
     needs_attention: bool = False
     needs_cls: bool = False
     model_agnostic: bool = False
+    needs_fitting: bool = False
     fixed_options: Mapping[str, Any] = field(default_factory=dict)
     variant_of: str | None = None
 

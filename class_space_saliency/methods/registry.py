@@ -8,7 +8,7 @@ tests list methods with :func:`list_methods` and build them with :func:`create_m
 Example:
     >>> from class_space_saliency import list_methods
     >>> list_methods(needs_gradients=False, model_agnostic=False, variants=False)
-    ['class_space', 'class_space_contributions', 'rollout', 'raw_attention']
+    ['class_space', 'class_space_contributions', 'rollout', 'raw_attention', 'linear_probe']
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def register_method(
     needs_attention: bool = False,
     needs_cls: bool = False,
     model_agnostic: bool = False,
+    needs_fitting: bool = False,
 ) -> Callable[[Method], Method]:
     """Class decorator: register a :class:`~.base.SaliencyMethod` subclass under ``name``.
 
@@ -65,6 +66,8 @@ def register_method(
         needs_attention: The method reads attention probabilities.
         needs_cls: The method needs a [CLS] token that the head reads.
         model_agnostic: The method never runs the model.
+        needs_fitting: The method is built from fitted parameters (a constructor option
+            without a default).
 
     Returns:
         The decorator (it returns the class unchanged apart from ``info`` and ``cost``).
@@ -95,6 +98,7 @@ def register_method(
             needs_attention=needs_attention,
             needs_cls=needs_cls,
             model_agnostic=model_agnostic,
+            needs_fitting=needs_fitting,
         )
         _add(info)
         cls.info = info

@@ -25,6 +25,7 @@ from .checks import (
     model_state,
     removal_keep_masks,
 )
+from .methods import FITTED_ARGUMENTS, build_method, fitted_probes, method_arguments
 from .models import (
     CLIP_PROMPTS,
     HF_FAMILIES,
@@ -67,6 +68,7 @@ from .references import (
 
 __all__ = [
     "CLIP_PROMPTS",
+    "FITTED_ARGUMENTS",
     "HF_FAMILIES",
     "NUM_CLASSES",
     "POOLED_FAMILIES",
@@ -81,6 +83,7 @@ __all__ = [
     "attention_by_hand",
     "block_by_hand",
     "box_masks",
+    "build_method",
     "captum_gradcam_on_tokens",
     "chefer_by_hand",
     "class_logits",
@@ -88,9 +91,11 @@ __all__ = [
     "class_space_map_by_hand",
     "direct_terms_by_hand",
     "embed_by_hand",
+    "fitted_probes",
     "frozen_norm_gradient",
     "gradcam_by_hand",
     "grid_of",
+    "method_arguments",
     "model_state",
     "num_prefix_tokens_of",
     "perturb_weights",
