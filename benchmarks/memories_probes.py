@@ -31,15 +31,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 
-from class_space_saliency import analysis, scenes
-from class_space_saliency._fashion_mnist import load_fashion_mnist
+from class_space_saliency import analysis
 from class_space_saliency.data import load_default_eval, load_default_eval_uint8
 from class_space_saliency.methods import ClassSpaceAttentionGradient
-from class_space_saliency.models import EMBEDDED_MODELS, Preprocessing, load_default
+from class_space_saliency.models import EMBEDDED_MODELS, load_default
 from class_space_saliency.visualize import saliency_grid, save_figure
 
 CURVE = (1, 2, 5, 10, 20, 50, 100, 200)
@@ -51,21 +49,6 @@ def untrained(model_name: str, seed: int = 0) -> torch.nn.Module:
     config = json.loads(EMBEDDED_MODELS[model_name].read_text())
     torch.manual_seed(seed)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **config["kwargs"]).eval()
-
-
-def training_images(
-    model_name: str, count: int, preprocessing: Preprocessing
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Test-split images 1000 .. 1000 + count - 1: disjoint from the evaluation set."""
-    indices = range(1000, 1000 + count)
-    if model_name == "fashion-scenes":
-        images, _, labels = scenes.generate("test", indices=indices, seed=0, progress=True)
-    else:
-        sprites, all_labels = load_fashion_mnist("test")
-        images = np.repeat(sprites[indices.start : indices.stop, ..., None], 3, axis=-1)
-        labels = all_labels[indices.start : indices.stop]
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
-    return preprocessing.normalize(pixels), torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
 
 def timed(results: dict, name: str, call):
@@ -104,7 +87,7 @@ def main() -> None:
     agreement = timed(seconds, "key_value_agreement", lambda: analysis.key_value_agreement(
         model, evaluation, **options))  # fmt: skip
     agreement.save(folder)
-    train = timed(seconds, "generate_training_images", lambda: training_images(
+    train = timed(seconds, "generate_training_images", lambda: load_default_held_out(
         args.model, args.train_images, prep))  # fmt: skip
     probes = timed(seconds, "linear_probes", lambda: analysis.linear_probes(
         model, train, evaluation, curve=CURVE, **options))  # fmt: skip
