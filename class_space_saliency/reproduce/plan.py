@@ -208,6 +208,8 @@ def _size(num_bytes: int) -> str:
 
 
 def _hours(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
@@ -484,7 +486,8 @@ def _cifar_plan(root: str | Path | None, num_images: int | None) -> DataPlan:
     images = len(data) if num_images is None else min(num_images, len(data))
     return DataPlan(
         "cifar100",
-        f"{data.file}: the first {STIMULI_PER_CLASS} test images per class, {images} images",
+        f"{data.file}: the first {STIMULI_PER_CLASS} test images per class, {images} images "
+        "(the paper: 500)",
         images,
         f"{probes.file}: the first {PROBE_IMAGES_PER_CLASS} training images per class, "
         f"{len(probes)} images",
