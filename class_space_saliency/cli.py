@@ -460,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .analysis.cli import add_analyze_command
 
     add_analyze_command(commands, HelpFormatter)
+
+    from .reproduce.cli import add_reproduce_command
+
+    add_reproduce_command(commands, HelpFormatter)
     return parser
 
 

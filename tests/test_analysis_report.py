@@ -69,3 +69,15 @@ def test_analyze_command_refusals(tmp_path, capsys):
     code = main(["analyze", "--data", str(missing), "--out", str(tmp_path / "o")])
     assert code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_options_reach_their_analysis_only(tiny_vit, tmp_path):
+    model = tiny_vit("plain")
+    data = (testing.tiny_images("plain", batch=3), torch.tensor([0, 1, 2]))
+    analysis.run_analyses(
+        model, data, tmp_path, options={"identifiability": {"layers": [1]}}, progress=False
+    )
+    stored = json.loads((tmp_path / "analysis.json").read_text())
+    assert stored["analyses"]["identifiability"]["result"]["layers"] == [1]
+    with pytest.raises(ValueError, match="options must be keyed by names"):
+        analysis.run_analyses(model, data, tmp_path / "x", options={"probes?": {}})

@@ -16,10 +16,13 @@ from PIL import Image
 from timm.models import get_pretrained_cfg
 
 from class_space_saliency import models
+from class_space_saliency.classes import imagenet_class_names
 from class_space_saliency.models import load_model, load_paper_model
 from class_space_saliency.paper import (
     PAPER_MODELS,
+    PAPER_RESULTS,
     paper_model_of_architecture,
+    paper_results,
     paper_weights_warning,
 )
 
@@ -279,3 +282,22 @@ def test_architecture_lookup_ignores_tags_and_skips_checkpoint_models():
         paper_model_of_architecture("vit_base_patch16_224.augreg2_in21k_ft_in1k").key == "vit_b_16"
     )
     assert paper_model_of_architecture("vit_small_patch16_224") is None
+
+
+def test_paper_results_are_unique_sourced_and_name_real_classes():
+    keys = [(r.model, r.analysis, r.quantity) for r in PAPER_RESULTS]
+    assert len(set(keys)) == len(keys)
+    names = set(imagenet_class_names())
+    for result in PAPER_RESULTS:
+        assert result.model in PAPER_MODELS and result.source.startswith("notebooks/")
+        if isinstance(result.value, tuple):  # the notebook prints LOC_synset_mapping names
+            assert set(result.value) <= names, result
+        else:
+            assert isinstance(result.value, float)
+    # every model has its identifiability and accuracy; ViT-B/32 its knock-outs and AUCs
+    for key in PAPER_MODELS:
+        quantities = {r.quantity for r in paper_results(key)}
+        assert {"image_token_rate", "images_with_one", "accuracy"} <= quantities
+    assert len(paper_results("vit_b_32", "vilas2023")) == 1 + 2 * 4
+    with pytest.raises(ValueError, match="unknown paper model"):
+        paper_results("vit_b_8")

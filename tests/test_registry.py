@@ -290,7 +290,14 @@ def test_exactly_one_attribute_definition_in_the_methods():
     assert len(found) == 1 and found[0].startswith("base.py"), found
 
 
-LAYERS = {"methods": 1, "evaluation": 2, "sanity": 2, "analysis": 2, "testing": 3}
+LAYERS = {
+    "methods": 1,
+    "evaluation": 2,
+    "sanity": 2,
+    "analysis": 2,
+    "testing": 3,
+    "reproduce": 3,
+}
 TOP = {"cli", "__main__", "interop", "__init__", "evaluation.cli", "analysis.cli"}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,9 @@ class AnalysisSpec:
         description: What it measures (a paragraph of the report).
         paper: What the paper reports for it, to compare with (``""`` if nothing).
         needs_masks: Skipped (with a note) for data without object masks.
+        cost: Forward-pass equivalents per image, the model and its baseline together (a
+            backward pass counts as two), for run-time estimates such as ``reproduce
+            --dry-run``.
     """
 
     name: str
@@ -43,6 +46,7 @@ class AnalysisSpec:
     description: str
     paper: str = ""
     needs_masks: bool = False
+    cost: float = 2.0
 
 
 def _identifiability(model: nn.Module, data: Data, baseline: nn.Module | None, **common):
@@ -65,6 +69,7 @@ ANALYSES: dict[str, AnalysisSpec] = {
             "Wilcoxon signed-rank test per block, paired by image and token.",
             "ViT-B/32 on ImageNet-S, last block: 60.73 % of image tokens identifiable, 95.58 % "
             "of images with at least one; random-weight models near chance (Table 1, Fig. 2).",
+            cost=2.0,
         ),
     )
 }
@@ -101,6 +106,7 @@ def run_analyses(
     batch_size: int = 32,
     progress: bool | None = None,
     config: dict[str, Any] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> AnalysisReport:
     """Run analyses of :data:`ANALYSES` on ``model`` and write the report folder.
 
@@ -118,12 +124,16 @@ def run_analyses(
         progress: Progress bars (``None``: on a terminal).
         config: What identifies the run (model name and fingerprint, data, seeds ...),
             recorded in ``analysis.json`` and compared on a rerun.
+        options: Keyword options per analysis name, passed to its ``run`` beside the common
+            ones, e.g. ``{"context_removal": {"rule": "nearest"}}``. They are not recorded:
+            put what identifies them into ``config``.
 
     Returns:
         An :class:`AnalysisReport`.
 
     Raises:
-        ValueError: For an unknown analysis name, or ``out_dir`` holding another run.
+        ValueError: For an unknown analysis name (also in ``options``), or ``out_dir``
+            holding another run.
 
     Example:
         >>> report = run_analyses(model, (images, labels), "out", analyses=["identifiability"])
@@ -134,6 +144,10 @@ def run_analyses(
     unknown = [name for name in names if name not in ANALYSES]
     if unknown or not names:
         raise ValueError(f"analyses must be names of {list(ANALYSES)}, got {unknown or names}")
+    options = dict(options or {})
+    unknown = [name for name in options if name not in ANALYSES]
+    if unknown:
+        raise ValueError(f"options must be keyed by names of {list(ANALYSES)}, got {unknown}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = json_safe(
@@ -160,7 +174,7 @@ def run_analyses(
             continue
         if progress is not False:
             print(f"analysis: {name}", file=sys.stderr)
-        result = spec.run(model, data, baseline, **common)
+        result = spec.run(model, data, baseline, **common, **options.get(name, {}))
         report.results[name] = result
         _save_figure(result, out / f"{name}.png")
         stored[name] = {"result": result.to_dict(), "table": result.table()}
