@@ -35,7 +35,11 @@ import timm
 import torch
 
 from class_space_saliency import analysis
-from class_space_saliency.data import load_default_eval, load_default_eval_uint8
+from class_space_saliency.data import (
+    load_default_eval,
+    load_default_eval_uint8,
+    load_default_held_out,
+)
 from class_space_saliency.methods import ClassSpaceAttentionGradient
 from class_space_saliency.models import EMBEDDED_MODELS, load_default
 from class_space_saliency.visualize import saliency_grid, save_figure
