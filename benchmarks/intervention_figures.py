@@ -17,19 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from class_space_saliency import analysis, data, models
-
-
-def other_class_partners(labels: torch.Tensor) -> torch.Tensor:
-    """For each image, the index of the next image (cyclically) with another label."""
-    n = len(labels)
-    partners = []
-    for i in range(n):
-        j = next(k % n for k in range(i + 1, i + n) if labels[k % n] != labels[i])
-        partners.append(j)
-    return torch.tensor(partners)
 
 
 def main() -> None:
@@ -53,7 +41,7 @@ def main() -> None:
     print(renormalised.table())
 
     clean, clean_labels = images[: args.pairs], labels[: args.pairs]
-    corrupted = images[other_class_partners(labels)[: args.pairs]]
+    corrupted = images[analysis.other_class_partners(labels)[: args.pairs]]
     patched = analysis.patching_grid(model, (clean, clean_labels), corrupted)
     patched.save(args.out, "patching_fashion-scenes")
     figure = patched.plot(token_layout="grid")

@@ -21,7 +21,8 @@ def test_report_files_resume_and_config_check(tiny_vit, tmp_path, monkeypatch):
     report = analysis.run_analyses(
         model, data, tmp_path, baseline=untrained_copy(model), config=config, progress=False
     )
-    assert set(report.results) == {"identifiability"}
+    assert set(report.results) == set(analysis.ANALYSES) - {"linear_probes"}
+    assert "train" in report.skipped["linear_probes"]  # no training images were given
     stored = json.loads((tmp_path / "analysis.json").read_text())
     assert stored["config"] == {"model": "tiny", "num_images": None, "baseline": True}
     expected = analysis.identifiability(model, data, components=("residual", "attention", "mlp"))
@@ -37,12 +38,12 @@ def test_report_files_resume_and_config_check(tiny_vit, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a finished analysis ran again")
 
-    spec = analysis.ANALYSES["identifiability"]
-    monkeypatch.setitem(analysis.ANALYSES, "identifiability", dataclasses.replace(spec, run=fail))
+    for name, spec in analysis.ANALYSES.items():
+        monkeypatch.setitem(analysis.ANALYSES, name, dataclasses.replace(spec, run=fail))
     again = analysis.run_analyses(
         model, data, tmp_path, baseline=untrained_copy(model), config=config, progress=False
     )
-    assert again.results == {} and "identifiability" in again.stored
+    assert again.results == {} and "patching" in again.stored
     with pytest.raises(ValueError, match="another configuration"):
         analysis.run_analyses(model, data, tmp_path, config={"model": "other"}, progress=False)
     with pytest.raises(ValueError, match="analyses must be"):

@@ -27,6 +27,7 @@ from .interventions import (
     Site,
     attention_knockout,
     knockout,
+    other_class_partners,
     patch,
     patching_grid,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "key_value_agreement",
     "knockout",
     "linear_probes",
+    "other_class_partners",
     "patch",
     "patching_grid",
     "run_analyses",

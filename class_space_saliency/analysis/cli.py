@@ -82,6 +82,13 @@ def add_analyze_command(
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the untrained twin and the permutation tests"
     )
+    parser.add_argument(
+        "--probe-images",
+        type=int,
+        default=3000,
+        help="embedded models: held-out images (test split from index 1,000 on) to fit the "
+        "linear probes on; 0 skips the probes",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
@@ -128,6 +135,12 @@ def run_analyze_command(args: argparse.Namespace) -> int:
             data = _image_folder(args.data, preprocessing)
             source = str(Path(args.data).resolve())
         baseline = None if args.baseline == "none" else untrained_copy(model, seed=args.seed)
+        options = {}
+        if args.data is None and args.probe_images > 0 and "linear_probes" in args.analyses:
+            from ..data import load_default_held_out
+
+            train = load_default_held_out(args.probe_images, embedded, preprocessing)
+            options["linear_probes"] = {"train": train}
         report = run_analyses(
             model,
             data,
@@ -137,11 +150,13 @@ def run_analyze_command(args: argparse.Namespace) -> int:
             has_masks=args.data is None,
             num_images=args.num_images,
             batch_size=args.batch_size,
+            options=options,
             config={
                 "model": args.model if args.weights is None else f"{args.model}:{args.weights}",
                 "fingerprint": model_fingerprint(model),
                 "data": source,
                 "seed": args.seed,
+                "probe_images": args.probe_images if "linear_probes" in options else 0,
             },
         )
     except (ValueError, TypeError, FileNotFoundError) as error:

@@ -847,6 +847,26 @@ class PatchingResult(AnalysisResult):
         return figure
 
 
+def other_class_partners(labels: torch.Tensor) -> torch.Tensor:
+    """For each image, the index of the next image (cyclically) with another label: corrupted
+    partners for :func:`patching_grid`.
+
+    Raises:
+        ValueError: If all labels are equal.
+
+    Example:
+        >>> other_class_partners(torch.tensor([0, 0, 1, 2])).tolist()
+        [2, 2, 3, 0]
+    """
+    labels = torch.as_tensor(labels).cpu()
+    if len(labels.unique()) < 2:
+        raise ValueError("partners of another class need images of at least two labels")
+    n = len(labels)
+    return torch.tensor(
+        [next(k % n for k in range(i + 1, i + n) if labels[k % n] != labels[i]) for i in range(n)]
+    )
+
+
 def patching_grid(
     model: nn.Module | ViTAnatomy,
     clean: Data,
