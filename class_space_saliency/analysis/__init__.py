@@ -21,16 +21,7 @@ from .identifiability import (
     class_identifiability,
     identifiability,
 )
-from .interventions import (
-    KnockoutResult,
-    PatchingResult,
-    Site,
-    attention_knockout,
-    knockout,
-    other_class_partners,
-    patch,
-    patching_grid,
-)
+from .knockouts import KnockoutResult, attention_knockout, knockout
 from .memories import (
     KeyValueAgreementResult,
     ValueVectorClasses,
@@ -39,6 +30,7 @@ from .memories import (
     value_vector_classes,
     value_vectors,
 )
+from .patching import PatchingResult, Site, other_class_partners, patch, patching_grid
 from .probes import LinearProbesResult, linear_probes
 from .report import ANALYSES, AnalysisReport, AnalysisSpec, run_analyses
 

@@ -26,8 +26,9 @@ from ..anatomy import ViTAnatomy
 from ._result import AnalysisResult, json_safe
 from ._stream import Data, stream
 from .identifiability import identifiability
-from .interventions import attention_knockout, patching_grid
+from .knockouts import attention_knockout
 from .memories import key_value_agreement, value_vectors
+from .patching import other_class_partners, patching_grid
 from .probes import linear_probes
 
 
@@ -79,15 +80,8 @@ def _patching(model: nn.Module, data: Data, baseline: nn.Module | None, **option
     batches = list(stream(anatomy, data, num_images=limit, progress=False))
     images = torch.cat([batch.images for batch in batches])
     labels = torch.cat([batch.labels for batch in batches])
-    partners = [
-        next(
-            j % len(labels)
-            for j in range(i + 1, i + len(labels))
-            if labels[j % len(labels)] != label
-        )
-        for i, label in enumerate(labels)
-    ]
     options.pop("batch_size", None)
+    partners = other_class_partners(labels)
     return patching_grid(model, (images, labels), images[partners], **options)
 
 

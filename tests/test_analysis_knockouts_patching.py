@@ -125,8 +125,8 @@ def test_knockout_matches_hand_written_attention_on_timm(tiny_vit, family):
 def test_official_edit_rows_only_image_tokens(tiny_vit):
     anatomy = ViTAnatomy.from_model(tiny_vit("registers"))  # [CLS] + 4 registers
     probs = torch.rand(2, 3, 9, 9).softmax(-1)
-    self_only = analysis.interventions.knockout_edit(anatomy, "self_only")(probs)
-    no_cls = analysis.interventions.knockout_edit(anatomy, "no_cls")(probs)
+    self_only = analysis.knockouts.knockout_edit(anatomy, "self_only")(probs)
+    no_cls = analysis.knockouts.knockout_edit(anatomy, "no_cls")(probs)
     assert torch.equal(self_only[:, :, :5], probs[:, :, :5])  # prefix rows untouched
     assert torch.equal(self_only[:, :, 5:], torch.eye(9)[5:].expand(2, 3, 4, 9))
     assert torch.equal(no_cls[:, :, 5:, 0], torch.zeros(2, 3, 4))
