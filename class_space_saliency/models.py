@@ -17,6 +17,7 @@ from torch import nn
 
 from .classes import class_index, imagenet_class_names, read_class_names
 from .clip import zero_shot_clip  # noqa: F401  (re-exported: models.zero_shot_clip)
+from .hub import WeightsUnavailableError, cached_only_when_offline, unavailable_reason
 
 ASSETS = Path(__file__).parent / "assets"
 #: The embedded models by name: their JSON config (weights next to it, ``.safetensors``).
@@ -205,12 +206,15 @@ def load_model(
         name_or_path: ``"default"`` (the default embedded model), an embedded model's name
             (``"fashion-scenes"``, ``"fashion"``), a JSON config written by
             ``benchmarks/train_default_model.py`` (weights next to it), a timm model name,
-            ``"hf:ORG/NAME"`` (a Hugging Face hub image classifier, needs the network) or
-            ``"open_clip:ARCH[:TAG]"`` (a CLIP zero-shot classifier over ``prompts``; the tag's
-            weights need the network, or pass ``weights``).
-        weights: For timm names: a local ``.safetensors``/``.pth`` state dict, e.g. your own
-            fine-tuned checkpoint. Without it, timm's pretrained weights are downloaded
-            (needs the network).
+            ``"hf:ORG/NAME"`` (a Hugging Face hub image classifier, needs the network, or
+            ``"hf:FOLDER"`` saved with ``save_pretrained``), ``"torchvision:NAME"`` (a
+            torchvision classifier, see :func:`~class_space_saliency.hub.load_torchvision`)
+            or ``"open_clip:ARCH[:TAG]"`` (a CLIP zero-shot classifier over ``prompts``; the
+            tag's weights need the network, or pass ``weights``).
+        weights: For timm and torchvision names: a local ``.safetensors``/``.pth`` state
+            dict, e.g. your own fine-tuned checkpoint. Without it, pretrained weights are
+            downloaded (needs the network; offline, cached weights load at once and others
+            fail at once, without the hub's minute of retries).
         device: Where to put the model.
         num_classes: Classes of the head. Default: inferred from ``weights`` (the shape of
             its head), else from ``class_names``, else the model's default (1000 for timm).
@@ -225,8 +229,8 @@ def load_model(
         ValueError: For an unknown name, or weights, ``num_classes`` and ``class_names``
             that disagree.
         FileNotFoundError: For a missing weights or class-names file.
-        RuntimeError: If pretrained weights cannot be downloaded (offline) and no
-            ``weights`` file was given.
+        WeightsUnavailableError: (a ``RuntimeError``) If pretrained weights cannot be
+            downloaded (offline) and no ``weights`` file was given.
 
     Example:
         >>> import timm
@@ -250,6 +254,13 @@ def load_model(
         from .hub import load_hf
 
         return load_hf(name_or_path[3:], device)
+    if name_or_path.startswith("torchvision:"):
+        from .hub import load_torchvision
+
+        name = name_or_path.removeprefix("torchvision:")
+        return load_torchvision(
+            name, weights, device, num_classes=num_classes, class_names=class_names
+        )
     if name_or_path in ("default", *EMBEDDED_MODELS) or name_or_path.endswith(".json"):
         model, preprocessing = (
             _load_config(Path(name_or_path), device)
@@ -267,24 +278,24 @@ def load_model(
             f"{name_or_path!r} (see timm.list_models())"
         )
     if weights is not None:
-        state = _read_state_dict(Path(weights))
-        head = _head_classes(state)
-        _check_class_count(head, num_classes, class_names, f"the checkpoint {weights}")
-        count = head or num_classes or (len(class_names) if class_names else None)
-        options = {} if count is None else {"num_classes": count}
+        state, options = read_checkpoint(weights, num_classes, class_names)
         model = timm.create_model(name_or_path, pretrained=False, **options)
         _load_state(model, state, name_or_path, Path(weights))
     else:
         count = num_classes or (len(class_names) if class_names else None)
         _check_class_count(count, num_classes, class_names, "num_classes")
         options = {} if count is None else {"num_classes": count}
-        try:
-            model = timm.create_model(name_or_path, pretrained=True, **options)
-        except Exception as error:  # network or hub failures surface as many types
-            raise RuntimeError(
-                f"could not fetch pretrained weights for {name_or_path!r} ({error}); "
-                "pass weights=PATH to a local state dict"
-            ) from error
+        with cached_only_when_offline() as offline:
+            try:
+                model = timm.create_model(name_or_path, pretrained=True, **options)
+            except Exception as error:  # network or hub failures surface as many types
+                raise WeightsUnavailableError(
+                    name_or_path,
+                    unavailable_reason(offline, error),
+                    f"could not fetch pretrained weights for {name_or_path!r} "
+                    f"({unavailable_reason(offline, error)}); pass weights=PATH to a local "
+                    "state dict",
+                ) from error
     config = timm.data.resolve_data_config({}, model=model)
     if class_names is None and getattr(model, "num_classes", None) == 1000:
         class_names = imagenet_class_names()
@@ -315,9 +326,29 @@ def _check_class_count(
         )
 
 
+def read_checkpoint(
+    weights: str | Path,
+    num_classes: int | None,
+    class_names: Sequence[str] | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """A local state dict and the ``num_classes`` option its head implies.
+
+    Raises:
+        FileNotFoundError: For a missing file.
+        ValueError: Where the head, ``num_classes`` and ``class_names`` disagree.
+    """
+    state = _read_state_dict(Path(weights))
+    head = _head_classes(state)
+    _check_class_count(head, num_classes, class_names, f"the checkpoint {weights}")
+    count = head or num_classes or (len(class_names) if class_names else None)
+    return state, ({} if count is None else {"num_classes": count})
+
+
 def _head_classes(state: dict[str, torch.Tensor]) -> int | None:
-    """Number of classes of a timm checkpoint's head (``head.weight`` / ``head.fc.weight``)."""
-    for key in ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight"):
+    """Number of classes of a checkpoint's head (timm ``head.weight`` / ``head.fc.weight``,
+    torchvision ``fc.weight`` / ``heads.head.weight``)."""
+    heads = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight", "heads.head.weight")
+    for key in heads:
         if key in state and state[key].dim() == 2:
             return int(state[key].shape[0])
     return None
@@ -343,7 +374,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, pat
         if items
     ]
     if problems:
-        raise ValueError(f"weights {path} do not fit timm model {name!r}: {'; '.join(problems)}")
+        raise ValueError(f"weights {path} do not fit the model {name!r}: {'; '.join(problems)}")
     model.load_state_dict(state)
 
 
