@@ -3,10 +3,13 @@ a map explains the label or the prediction (issue 22)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from class_space_saliency import visualize
 from class_space_saliency.visualize import overlay, overlay_figure, saliency_grid, with_colorbar
 
 
@@ -52,3 +55,27 @@ def test_the_overlay_colour_strip_is_wide_enough_for_its_labels(height):
     ramp_end = start + np.flatnonzero(~ink[start:])[0]
     assert ink[ramp_end:].any()  # the labels are drawn
     assert not ink[-3:].any()  # and end before the right edge
+
+
+def test_demo_rows_say_label_and_prediction(tmp_path, monkeypatch):
+    from class_space_saliency.cli import main
+
+    calls = []
+    original = visualize.saliency_grid
+
+    def recording(images, columns, row_titles=None, *args, **kwargs):
+        calls.append((list(row_titles), kwargs.get("caption")))
+        return original(images, columns, row_titles, *args, **kwargs)
+
+    monkeypatch.setattr(visualize, "saliency_grid", recording)
+    assert main(["demo", "--out", str(tmp_path), "--methods", "sobel"]) == 0
+    examples = json.loads((tmp_path / "summary.json").read_text())["examples"]
+    assert len(calls) == 2  # class_space_layers.png and methods.png
+    for titles, caption in calls:
+        assert caption == "maps explain the label (target = label); ✗ = misclassified"
+        for title, example in zip(titles, examples, strict=True):
+            wrong = example["label"] != example["predicted"]
+            assert title == (
+                f"label {example['label']}\npred {example['predicted']}" + (" ✗" if wrong else "")
+            )
+    assert any("✗" in title for title in calls[0][0])  # the embedded model errs on some rows
