@@ -5,7 +5,9 @@ resumable (rerun the same command after an interruption) and shardable under ``t
 
 1. ``main``: every registered method and named variant (``list_methods()``) x the protocol
    presets chefer2021, rise2018, vilas2023 and road2022, plus localisation against the
-   object masks where the evaluation set has them (fashion-scenes).
+   object masks where the evaluation set has them (fashion-scenes). Methods built from
+   fitted parameters join with them: ``--probes PATH`` adds ``linear_probe`` with the
+   probes saved there (``benchmarks/memories_probes.py`` fits them on generated images).
 2. ``ablation``: class-space variants (block, multi-block, score) with ``random`` beside
    them, so that every variant is compared with the default and with random on the same
    images.
@@ -39,6 +41,7 @@ from class_space_saliency.evaluation import (
 from class_space_saliency.evaluation.distributed import shard_from_env
 from class_space_saliency.methods import create_method, list_methods
 from class_space_saliency.models import load_default
+from class_space_saliency.probing import LinearProbes
 
 MODELS = ("fashion", "fashion-scenes")
 PROTOCOLS = ("chefer2021", "rise2018", "vilas2023", "road2022")
@@ -106,6 +109,9 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--max-batch-size", type=int, default=512)
+    parser.add_argument(
+        "--probes", type=Path, help="fitted LinearProbes (file or folder): adds linear_probe"
+    )
     args = parser.parse_args()
 
     device = torch.device("cpu")
@@ -116,8 +122,15 @@ def main() -> None:
     model, prep = load_default(args.model)
     model = model.to(device)
     data = load_default_eval(args.num_images, dataset=args.model, masks=True, preprocessing=prep)
+    fitted = {}
+    if args.probes is not None:
+        probes = LinearProbes.load(args.probes)
+        fitted["linear_probe"] = create_method("linear_probe", model, probes=probes)
     methods = {
-        "main": {name: create_method(name, model) for name in list_methods()},
+        "main": {
+            **{name: create_method(name, model) for name in list_methods(needs_fitting=False)},
+            **fitted,
+        },
         "ablation": {
             **{name: create_method("class_space", model, **kw) for name, kw in ABLATION.items()},
             "random": create_method("random", model),

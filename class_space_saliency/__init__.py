@@ -26,11 +26,17 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "UnsupportedModelError": "adapters",
     "ViTAnatomy": "anatomy",
+    "Identifiability": "analysis",
+    "class_identifiability": "analysis",
+    "Decomposition": "decomposition",
+    "decompose": "decomposition",
+    "token_scores": "projection",
     **dict.fromkeys(
         (
             "AttentionRollout",
             "CheferRollout",
             "ClassSpaceAttentionGradient",
+            "ClassSpaceContributions",
             "ClassSpaceSaliency",
             "GradCAM",
             "IntensitySaliency",
@@ -44,15 +50,16 @@ _EXPORTS = {
         ),
         "methods",
     ),
-    **dict.fromkeys(("Identifiability", "class_identifiability", "token_scores"), "projection"),
 }
-"""Public name -> the submodule that defines it."""
+"""Public name -> the submodule that defines it (``analysis`` is a public submodule)."""
 
 __all__ = [
     "AttentionRollout",
     "CheferRollout",
     "ClassSpaceAttentionGradient",
+    "ClassSpaceContributions",
     "ClassSpaceSaliency",
+    "Decomposition",
     "GradCAM",
     "Identifiability",
     "IntensitySaliency",
@@ -62,12 +69,14 @@ __all__ = [
     "SobelSaliency",
     "UnsupportedModelError",
     "ViTAnatomy",
+    "analysis",
     "class_identifiability",
     "create_method",
+    "decompose",
     "list_methods",
     "register_method",
     "token_scores",
-]  # the keys of _EXPORTS (tests/test_cli_startup.py checks)
+]  # the keys of _EXPORTS and "analysis" (tests/test_cli_startup.py checks)
 
 
 def __getattr__(name: str) -> Any:
@@ -87,12 +96,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from . import analysis
     from .adapters import UnsupportedModelError
+    from .analysis import Identifiability, class_identifiability
     from .anatomy import ViTAnatomy
+    from .decomposition import Decomposition, decompose
     from .methods import (
         AttentionRollout,
         CheferRollout,
         ClassSpaceAttentionGradient,
+        ClassSpaceContributions,
         ClassSpaceSaliency,
         GradCAM,
         IntensitySaliency,
@@ -104,4 +117,4 @@ if TYPE_CHECKING:
         list_methods,
         register_method,
     )
-    from .projection import Identifiability, class_identifiability, token_scores
+    from .projection import token_scores

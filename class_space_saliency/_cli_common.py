@@ -17,6 +17,7 @@ from collections.abc import Callable
 BUILTIN_METHODS = (
     "class_space",
     "class_space_gradient",
+    "class_space_contributions",
     "gradcam",
     "rollout",
     "chefer",
@@ -26,7 +27,8 @@ BUILTIN_METHODS = (
     "intensity",
     "class_space_gradient_paper",
 )
-"""``list_methods()`` of the package as shipped (methods, then variants)."""
+"""The methods a name alone builds, as shipped: ``list_methods(needs_fitting=False)``
+(methods, then variants; ``linear_probe`` needs probes fitted first)."""
 
 BUILTIN_VARIANTS = ("class_space_gradient_paper",)
 """The named variants among :data:`BUILTIN_METHODS`."""
@@ -198,7 +200,7 @@ def method_name(text: str) -> str:
     """
     from .methods import list_methods
 
-    known = list_methods()
+    known = list_methods(needs_fitting=False)  # fitted methods need more than a name
     if text not in known:
         raise argparse.ArgumentTypeError(
             f"invalid choice: {text!r} (choose from {', '.join(map(repr, known))})"

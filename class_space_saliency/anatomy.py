@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import _hooks
-from ._hooks import Capture
+from ._hooks import Capture, Edit
 from .adapters import (
     NormThenHeads,
     Readout,
@@ -29,7 +29,7 @@ from .adapters import (
     find_adapter,
     looked_for,
 )
-from .adapters.base import block_branches, pair
+from .adapters.base import pair, timm_block_parts
 
 COMPONENTS = ("residual", "attention", "mlp")
 """Token states that can be captured per block: block output, attention branch, MLP branch."""
@@ -52,7 +52,8 @@ class ViTAnatomy:
         norm: Module mapping token states (..., D) to the normalised tokens the head reads
             (the final ``norm``, then ``fc_norm`` where the model has one).
         heads: Classifier head(s); several are averaged (DeiT distilled).
-        num_prefix_tokens: [CLS], distillation and register tokens before the image tokens.
+        num_prefix_tokens: [CLS], distillation and register tokens before the image tokens
+            (in the blocks from ``prefix_from_block`` on).
         patch_size: (ph, pw) in pixels.
         img_size: The fixed input size (H, W), or ``None`` for dynamic-size models.
         dynamic_pad: Whether a dynamic-size model pads inputs up to a multiple of the patch.
@@ -70,10 +71,21 @@ class ViTAnatomy:
         attention_kind: How :meth:`capture` reads attention probabilities (see
             :data:`ATTENTION_KINDS`).
         attention_reason: Why attention cannot be read, where ``attention_modules`` is None.
-        pre_attention_norms: Per block, the norm before attention (Grad-CAM's layer).
+        pre_attention_norms: Per block, the norm before attention (``None`` for post-norm
+            blocks, which normalise after attention).
+        attention_inputs: Per block, the module whose output is the tokens its attention
+            reads (Grad-CAM's layer): the norm before attention of pre-norm blocks; the
+            previous block (or the stem) of post-norm blocks. Defaults to
+            ``pre_attention_norms``.
+        prefix_from_block: The first block whose tokens include the prefix tokens; earlier
+            blocks hold image tokens only (ConViT joins [CLS] before block
+            ``local_up_to_layer``; CaiT and XCiT only in their class-attention blocks, after
+            every block listed here: then it equals the depth).
         token_path: How tokens are embedded and classified (token removal), or why not.
         output_logits: Maps the model's output to logits (B, C), e.g. Hugging Face outputs.
         family: The adapter that found the parts (``"custom"`` for hand-made anatomies).
+        overrides: The parts given by hand to :meth:`from_model` (their errors are the
+            user's to fix).
         channels_last: Blocks output channels-last grids (B, h, w, D) instead of token
             sequences (B, N, D) (timm Swin); captured states are flattened to (B, h*w, D).
         modules: Every module of ``model``, listed once when the anatomy is built (the
@@ -97,9 +109,12 @@ class ViTAnatomy:
     attention_kind: str = "timm"
     attention_reason: str | None = None
     pre_attention_norms: list[nn.Module | None] | None = None
+    attention_inputs: list[nn.Module | None] | None = None
+    prefix_from_block: int = 0
     token_path: TokenPath | str | None = None
     output_logits: Callable[[Any], torch.Tensor] | None = field(default=None, repr=False)
     family: str = "custom"
+    overrides: tuple[str, ...] = ()
     channels_last: bool = False
     projection: nn.Module = field(init=False, repr=False)
     modules: tuple[nn.Module, ...] = field(init=False, repr=False, compare=False)
@@ -111,6 +126,8 @@ class ViTAnatomy:
         if self.readout is None:
             prefix = self.num_prefix_tokens
             self.readout = Readout(cls_rows=(0,)) if prefix else Readout(pool_start=0)
+        if self.attention_inputs is None:
+            self.attention_inputs = self.pre_attention_norms
         if self.attention_kind not in ATTENTION_KINDS:
             raise ValueError(
                 f"attention_kind must be one of {ATTENTION_KINDS}, got {self.attention_kind!r}"
@@ -167,7 +184,8 @@ class ViTAnatomy:
             patch_size=None if patch_size is None else pair(patch_size),
             img_size=None if img_size is None else pair(img_size),
         )
-        parts = {**found, **{k: v for k, v in overrides.items() if v is not None}}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        parts = {**found, **given, "overrides": tuple(given)}
         missing = [k for k in ("blocks", "norm", "heads", "num_prefix_tokens", "patch_size")]
         missing = [k for k in missing if parts.get(k) is None]
         if missing:
@@ -197,6 +215,65 @@ class ViTAnatomy:
                 the size is smaller than one patch.
         """
         return patch_grid(input_size, self.patch_size, self.img_size, self.dynamic_pad)
+
+    def prefix_tokens_at(self, block: int) -> int:
+        """Prefix tokens in front of the image tokens in ``block``'s tokens (0 before
+        ``prefix_from_block``)."""
+        return self.num_prefix_tokens if block >= self.prefix_from_block else 0
+
+    @property
+    def cls_blocks(self) -> list[int]:
+        """Blocks whose tokens include the [CLS] the head reads (none for pooled heads)."""
+        if self.readout.cls_index is None:
+            return []
+        return list(range(self.prefix_from_block, self.depth))
+
+    def image_tokens(
+        self, tokens: torch.Tensor, block: int, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The image tokens (B, h*w, ...) of ``block``'s tokens (B, N, ...).
+
+        Args:
+            tokens: Token states or scores of one block.
+            block: The block index (from 0).
+            grid: The patch grid (h, w); if given, the token count is checked against it.
+
+        Raises:
+            UnsupportedModelError: If a supported model's block holds another number of
+                tokens than its prefix tokens and the patch grid make (its token layout is
+                not what its adapter describes).
+            ValueError: The same for a custom anatomy (its ``num_prefix_tokens`` or
+                ``patch_size`` is wrong).
+        """
+        prefix = self.prefix_tokens_at(block)
+        if grid is not None and tokens.shape[1] != prefix + grid[0] * grid[1]:
+            self._token_count_error(f"block {block}", tokens.shape[1], grid, prefix)
+        return tokens[:, prefix:]
+
+    def count_prefix(self, count: int, grid: tuple[int, int], where: str) -> int:
+        """Prefix tokens of a layer output with ``count`` tokens on the patch ``grid``: 0 (a
+        block before the prefix tokens join) or ``num_prefix_tokens``.
+
+        Raises:
+            UnsupportedModelError / ValueError: As :meth:`image_tokens`, for any other count.
+        """
+        prefix = count - grid[0] * grid[1]
+        if prefix not in (0, self.num_prefix_tokens):
+            self._token_count_error(where, count, grid, self.num_prefix_tokens)
+        return prefix
+
+    def _token_count_error(
+        self, where: str, count: int, grid: tuple[int, int], prefix: int
+    ) -> None:
+        message = (
+            f"{where} of {type(self.model).__name__} holds {count} tokens, but {prefix} prefix "
+            f"tokens and the {grid} patch grid of the input make {prefix + grid[0] * grid[1]}"
+        )
+        if self.family == "custom" or self.overrides:
+            raise ValueError(f"{message}; check num_prefix_tokens/patch_size")
+        raise UnsupportedModelError(
+            f"{message}: its token layout is not the one the {self.family} adapter describes"
+        )
 
     def resolve_layers(self, layer: int | Sequence[int] | str) -> list[int]:
         """Normalise a layer spec (int, list of ints, or ``"all"``) to block indices.
@@ -283,7 +360,8 @@ class ViTAnatomy:
         """The module whose output is ``component`` of ``block``.
 
         Raises:
-            ValueError: For an unknown component, or one this model does not expose.
+            ValueError: For an unknown component.
+            UnsupportedModelError: For a component this model does not expose.
         """
         if component == "residual":
             return self.blocks[block]
@@ -295,7 +373,7 @@ class ViTAnatomy:
             reason = "its blocks have no recognised attention/MLP branch modules"
             if component == "attention" and self.attention_reason:
                 reason = self.attention_reason
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"component {component!r} is not available for {type(self.model).__name__}: "
                 f"{reason}"
             )
@@ -307,8 +385,10 @@ class ViTAnatomy:
         components: Sequence[tuple[str, int]] = (),
         attention: Sequence[int] = (),
         reduce: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None,
+        inputs: Sequence[tuple[str, int]] = (),
+        modules: Mapping[tuple[str, int], tuple[nn.Module, str]] | None = None,
     ) -> Iterator[Capture]:
-        """Record token states and attention probabilities during the next forward pass.
+        """Record token states, attention probabilities and module inputs in the next forward.
 
         Inside the context the model is in eval mode and fused attention is off (timm
         ``fused_attn``, Hugging Face ``config._attn_implementation``) where attention is
@@ -318,8 +398,16 @@ class ViTAnatomy:
         Args:
             components: ``(component, block)`` pairs to record.
             attention: Blocks whose post-softmax attention probabilities to record.
-            reduce: Optional ``f(component, block, tokens) -> tensor`` applied inside the
-                hook so that only its (smaller) result is kept.
+            reduce: Optional ``f(kind, block, tensor) -> tensor`` applied inside the hook so
+                that only its (smaller) result is kept; ``kind`` is the component for token
+                states, ``"probabilities"`` for attention and ``"block_input"`` /
+                ``"attention_input"`` for inputs.
+            inputs: ``(site, block)`` pairs whose module input to record: ``"block"`` (the
+                residual stream entering the block; block 0's is the embedding) or
+                ``"attention"`` (the normalised tokens the attention module reads).
+            modules: Further sites ``{(name, block): (module, "input" | "output")}``: the
+                token input or the output of any submodule (e.g. the keys of an MLP's
+                memories, its first linear's output), kept in ``tokens[(name, block)]``.
 
         Yields:
             A :class:`Capture`, filled by the forward pass run inside the context.
@@ -331,8 +419,42 @@ class ViTAnatomy:
             >>> cap.tokens[("residual", anatomy.depth - 1)].shape  # (B, N, D)
             torch.Size([3, 17, 32])
         """
-        with _hooks.capture(self, components, attention, reduce) as result:
+        with _hooks.capture(self, components, attention, reduce, inputs, modules) as result:
             yield result
+
+    @contextlib.contextmanager
+    def intervene(
+        self,
+        outputs: Mapping[nn.Module, Edit] | None = None,
+        inputs: Mapping[nn.Module, Edit] | None = None,
+        attention: Mapping[int, Edit] | None = None,
+    ) -> Iterator[None]:
+        """Read or replace module outputs, module inputs and attention probabilities.
+
+        Each edit ``f(tensor)`` returns a replacement or ``None`` (keep it). Attention edits
+        see the post-softmax probabilities (B, heads, N, N) before they weigh the values. On
+        exit (also on an exception) every hook, fused-attention flag and attention
+        implementation is restored; nested contexts apply their edits in the order entered.
+        The training mode is left as it is.
+
+        Args:
+            outputs: ``{module: edit}`` of module outputs (a tuple's first element).
+            inputs: ``{module: edit}`` of modules' first positional input.
+            attention: ``{block: edit}`` of post-softmax attention probabilities.
+
+        Raises:
+            UnsupportedModelError: Where attention probabilities cannot be edited.
+
+        Example:
+            >>> anatomy = ViTAnatomy.from_model(model)
+            >>> uniform = lambda probs: torch.full_like(probs, 1 / probs.shape[-1])
+            >>> with anatomy.intervene(attention={0: uniform}):
+            ...     edited = model(images)
+            >>> bool((edited != model(images)).any())  # restored on exit
+            True
+        """
+        with _hooks.intervene(self, outputs, inputs, attention):
+            yield
 
 
 def patch_grid(
@@ -380,6 +502,6 @@ def _custom_block_parts(blocks: Sequence[nn.Module]) -> dict:
     return dict(
         attention_modules=attention_modules if usable else None,
         attention_kind="timm",
-        pre_attention_norms=[getattr(b, "norm1", None) for b in blocks],
-        **block_branches(blocks, "attn", "mlp"),
+        prefix_from_block=0,
+        **timm_block_parts(blocks, stem=None),
     )

@@ -338,7 +338,7 @@ def attribute(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return _error(f"--out {out} is an existing file; give a folder")
-    layered = [name for name in list_methods() if "layer" in method_info(name).options]
+    layered = [n for n in list_methods(needs_fitting=False) if "layer" in method_info(n).options]
     without_layer = [m for m in args.methods if m not in layered]
     if args.layer is not None and without_layer:
         return _error(
@@ -541,13 +541,45 @@ def benchmark(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------------------------- parser
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser; with ``register``, a deferred one.
+
+    ``register(subparsers)`` adds the real parser (``analysis.cli``'s ``analyze``, ...) and
+    imports what it needs; it runs when the command is used, not when ``--help`` lists the
+    commands, so the list costs no heavy import.
+    """
+
+    def __init__(self, *args: Any, register: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._register = register
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._register is None:
+            return super().parse_known_args(args, namespace)
+        holder = argparse.ArgumentParser(prog=self.prog.rsplit(" ", 1)[0]).add_subparsers()
+        real = self._register(holder)
+        return real.parse_known_args(args, namespace)
+
+
+def _register_analyze(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .analysis.cli import add_analyze_command
+
+    return add_analyze_command(subparsers, HelpFormatter)
+
+
+def _register_reproduce(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .reproduce.cli import add_reproduce_command
+
+    return add_reproduce_command(subparsers, HelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``class-space-saliency`` (standard library only)."""
     parser = argparse.ArgumentParser(
         prog="class-space-saliency",
         description="Explain Vision Transformers in their class embedding space.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     demo_parser = commands.add_parser(
         "demo",
@@ -660,6 +692,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=sanity)
 
     add_benchmark_parser(commands, benchmark)
+    commands.add_parser(
+        "analyze",
+        help="the paper's analyses of a model (identifiability, knock-outs, context, ...)",
+        register=_register_analyze,
+    )
+    commands.add_parser(
+        "reproduce",
+        help="the paper's analyses and token-removal test on its seven models, one report",
+        register=_register_reproduce,
+    )
     return parser
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .models import ASSETS, DEFAULT_MODEL, Preprocessing, embedded_preprocessing
+from .models import ASSETS, DEFAULT_MODEL, embedded_preprocessing
+from .preprocessing import Preprocessing
 
 #: The embedded evaluation sets: the first 1,000 test images of each, with labels (and masks).
 EVAL_SETS = {
@@ -89,6 +90,53 @@ def load_default_eval(
     pixels = torch.from_numpy(raw).permute(0, 3, 1, 2).float().div(255.0)
     tensors = (preprocessing.normalize(pixels), torch.from_numpy(labels))
     return (*tensors, *(torch.from_numpy(m) for m in object_masks))
+
+
+def load_default_held_out(
+    n: int,
+    dataset: str = DEFAULT_MODEL,
+    preprocessing: Preprocessing | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test-split images ``1000 .. 1000 + n - 1`` of an embedded model's data set.
+
+    Disjoint from the embedded evaluation set (test-split images 0..999) and never seen in
+    the model's training: other objects from the same distribution, e.g. to fit linear probes
+    whose test set is the evaluation set. fashion-scenes composites are generated (seed 0, the
+    held-out photos); both need Debian's ``dataset-fashion-mnist`` package (the Fashion-MNIST
+    test files).
+
+    Args:
+        n: How many images (1 .. 9,000).
+        dataset: ``"fashion-scenes"`` or ``"fashion"``.
+        preprocessing: Normalisation to apply (default: that of the embedded model).
+        progress: Show a progress bar while composing fashion-scenes images.
+
+    Returns:
+        ``(images (n, 3, H, W) float, normalised; labels (n,) int64)``.
+
+    Raises:
+        ValueError: For an unknown ``dataset`` or ``n`` outside 1 .. 9,000.
+        FileNotFoundError: Without the Fashion-MNIST test files.
+    """
+    from . import scenes
+    from ._fashion_mnist import load_fashion_mnist
+
+    if dataset not in EVAL_SETS:
+        raise ValueError(f"dataset must be one of {list(EVAL_SETS)}, got {dataset!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 9000:
+        raise ValueError(f"n must be an int in 1..9000, got {n!r}")
+    indices = range(1000, 1000 + n)
+    if dataset == "fashion-scenes":
+        images, _, labels = scenes.generate("test", indices=indices, seed=0, progress=progress)
+    else:
+        sprites, all_labels = load_fashion_mnist("test")
+        images = np.repeat(sprites[indices.start : indices.stop, ..., None], 3, axis=-1)
+        labels = all_labels[indices.start : indices.stop]
+    if preprocessing is None:
+        preprocessing = embedded_preprocessing(dataset)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+    return preprocessing.normalize(pixels), torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
 
 def one_per_class(labels: torch.Tensor | np.ndarray, num_classes: int) -> list[int]:

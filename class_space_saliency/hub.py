@@ -1,7 +1,6 @@
-"""Loading hub models: Hugging Face image classifiers (``load_model("hf:ORG/NAME")``),
-open_clip zero-shot classifiers (``load_model("open_clip:ARCH:TAG", prompts=...)``) and
-torchvision classifiers (``load_model("torchvision:NAME")``), and the offline check that
-spares a user the hub's minute of retries.
+"""Loading hub models: Hugging Face image classifiers (``load_model("hf:ORG/NAME")``) and
+open_clip zero-shot classifiers (``load_model("open_clip:ARCH:TAG", prompts=...)``), and the
+offline check that spares a user the hub's minute of retries (every loader uses it).
 
 Kept apart from :mod:`.models` so that ``transformers`` and ``open_clip_torch`` stay optional
 extras (``pip install class-space-saliency[hf]`` / ``[clip]``).
@@ -16,10 +15,11 @@ import socket
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from .preprocessing import Preprocessing
 
 HUB_HOST = "huggingface.co"
 """Where timm, transformers and open_clip download weights from."""
@@ -153,8 +153,6 @@ def load_hf(name: str, device: str | torch.device = "cpu"):
         >>> # (skipped: downloads the model from the Hugging Face hub)
         >>> model, prep = load_hf("facebook/deit-tiny-patch16-224")  # doctest: +SKIP
     """
-    from .models import Preprocessing
-
     try:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
     except ImportError as error:
@@ -220,7 +218,6 @@ def load_open_clip(
         ...     "ViT-B-32:openai", ["a photo of a cat", "a dog"])
     """
     from .clip import zero_shot_clip
-    from .models import Preprocessing
 
     try:
         import open_clip
@@ -263,100 +260,3 @@ def load_open_clip(
         transform=transform,
     )
     return classifier.to(device).eval(), preprocessing
-
-
-def load_torchvision(
-    name: str,
-    weights: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    *,
-    num_classes: int | None = None,
-    class_names: Sequence[str] | None = None,
-):
-    """A torchvision classifier and its preprocessing (``load_model("torchvision:NAME")``).
-
-    Args:
-        name: A name of ``torchvision.models.list_models()``, e.g. ``"vit_b_16"`` or
-            ``"resnet50"``.
-        weights: A local state dict (``.pth``/``.safetensors``); the number of classes is
-            read from its head. Without it, torchvision's ``DEFAULT`` weights download
-            (needs the network).
-        device: Where to put the model.
-        num_classes: Classes of the head, where no checkpoint says.
-        class_names: Names of the classes (default: the weights' categories, or ImageNet's
-            for a 1000-class head).
-
-    Returns:
-        ``(model in eval mode, Preprocessing)``: the weights' own transform (resize, centre
-        crop, normalisation), or for a local checkpoint torchvision's ImageNet recipe (resize
-        to ``size / 0.875``, centre crop ``size``, ImageNet mean and std), where ``size`` is
-        the model's ``image_size`` (ViT) or 224.
-
-    Raises:
-        ValueError: For an unknown name or a checkpoint that does not fit.
-        WeightsUnavailableError: (a ``RuntimeError``) If the DEFAULT weights cannot be
-            fetched.
-
-    Example:
-        >>> import torchvision
-        >>> resnet = torchvision.models.resnet18(num_classes=3)  # your fine-tune
-        >>> torch.save(resnet.state_dict(), "resnet3.pth")
-        >>> model, prep = load_torchvision("resnet18", weights="resnet3.pth")
-        >>> model.fc.out_features, prep.input_size, prep.crop_pct
-        (3, (3, 224, 224), 0.875)
-    """
-    import torchvision
-    from torchvision import transforms
-
-    from .classes import imagenet_class_names
-    from .models import Preprocessing, _head_classes, _load_state, read_checkpoint
-
-    if name not in torchvision.models.list_models():
-        raise ValueError(
-            f"unknown torchvision model {name!r} (see torchvision.models.list_models())"
-        )
-    if weights is not None:
-        state, options = read_checkpoint(weights, num_classes, class_names)
-        model = torchvision.models.get_model(name, weights=None, **options)
-        _load_state(model, state, f"torchvision:{name}", Path(weights))
-        size = getattr(model, "image_size", 224)
-        resize, mean, std = int(size / 0.875), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    else:
-        default = torchvision.models.get_model_weights(name).DEFAULT
-        cached = Path(torch.hub.get_dir(), "checkpoints", Path(default.url).name).is_file()
-        offline = None if cached else hub_unreachable(urlparse(default.url).hostname)
-        try:
-            if offline is not None:
-                raise ConnectionError(offline)
-            model = torchvision.models.get_model(name, weights=default)
-        except Exception as error:  # network and hub failures surface as many types
-            reason = unavailable_reason(offline, error)
-            raise WeightsUnavailableError(
-                f"torchvision:{name}",
-                reason,
-                f"could not fetch the weights of torchvision {name!r} ({reason}); "
-                "pass weights=PATH to a local state dict",
-            ) from error
-        preset = default.transforms()
-        size, resize = preset.crop_size[0], preset.resize_size[0]
-        mean, std = tuple(preset.mean), tuple(preset.std)
-        class_names = class_names or default.meta.get("categories")
-    classes = getattr(model, "num_classes", None) or _head_classes(model.state_dict())
-    if class_names is None and classes == 1000:
-        class_names = imagenet_class_names()
-    preprocessing = Preprocessing(
-        mean=mean,
-        std=std,
-        input_size=(3, size, size),
-        class_names=None if class_names is None else tuple(class_names),
-        transform=transforms.Compose(
-            [
-                transforms.Resize(resize, interpolation=transforms.InterpolationMode.BILINEAR),
-                transforms.CenterCrop(size),
-                transforms.ToTensor(),
-                transforms.Normalize(mean, std),
-            ]
-        ),
-        crop_pct=size / resize,
-    )
-    return model.to(device).eval(), preprocessing

@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import pickle
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
-import numpy as np
 import timm
 import torch
-from PIL import Image
 from torch import nn
 
-from .classes import class_index, imagenet_class_names, read_class_names
+from .classes import imagenet_class_names, read_class_names
 from .clip import zero_shot_clip  # noqa: F401  (re-exported: models.zero_shot_clip)
-from .hub import WeightsUnavailableError, cached_only_when_offline, unavailable_reason
+from .hub import (
+    WeightsUnavailableError,
+    cached_only_when_offline,
+    hub_unreachable,
+    unavailable_reason,
+)
+from .paper import (
+    PAPER_MODELS,
+    PaperModel,
+    paper_model,
+    paper_model_of_architecture,
+    paper_weights_warning,
+)
+from .preprocessing import Preprocessing, timm_preprocessing  # also models.Preprocessing
 
 ASSETS = Path(__file__).parent / "assets"
 #: The embedded models by name: their JSON config (weights next to it, ``.safetensors``).
@@ -26,112 +38,6 @@ EMBEDDED_MODELS = {
     "fashion": ASSETS / "fashion_vit.json",
 }
 DEFAULT_MODEL = "fashion-scenes"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a model wants its images: size, normalisation and class names.
-
-    Calling it turns a PIL image, a uint8/float array or a [0, 1] tensor into the model's
-    normalised (C, H, W) float tensor. Without a ``transform``, images are converted to the
-    model's channel count (grey replicated to RGB, RGB averaged to grey) and resized to the
-    input size (bilinear, whole image, no crop).
-
-    Attributes:
-        mean: Per-channel mean of the normalisation.
-        std: Per-channel standard deviation.
-        input_size: (C, H, W) the model expects.
-        class_names: Names of the classes, where known.
-        transform: Optional PIL -> tensor transform (timm's eval transform) used instead.
-        crop_pct: With ``transform``: timm's centre-crop fraction (the shorter side is
-            resized to ``H / crop_pct``, then the centre (H, W) is cropped); ``None`` for a
-            transform that keeps the whole image.
-    """
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    input_size: tuple[int, int, int]
-    class_names: tuple[str, ...] | None = None
-    transform: Callable | None = None
-    crop_pct: float | None = None
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images (..., C, H, W) -> normalised model inputs."""
-        return (images - self._stat(self.mean, images)) / self._stat(self.std, images)
-
-    def denormalize(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Normalised model inputs (..., C, H, W) -> [0, 1] images (not clipped)."""
-        return inputs * self._stat(self.std, inputs) + self._stat(self.mean, inputs)
-
-    @staticmethod
-    def _stat(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
-
-    def __call__(self, image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Preprocess one image into a normalised (C, H, W) float tensor."""
-        channels, height, width = self.input_size
-        if self.transform is not None:
-            return self.transform(_to_pil(image).convert("RGB"))
-        pil = _to_pil(image).convert("RGB" if channels == 3 else "L")
-        pil = pil.resize((width, height), Image.BILINEAR)
-        array = np.asarray(pil, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array).reshape(height, width, -1).permute(2, 0, 1)
-        return self.normalize(tensor)
-
-    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
-        """The region ``(left, top, right, bottom)`` of a ``width`` x ``height`` image that
-        the model sees after preprocessing (the whole image unless a centre crop is used).
-
-        Example:
-            >>> prep = Preprocessing((0.5,) * 3, (0.5,) * 3, (3, 224, 224),
-            ...                      transform=lambda image: image, crop_pct=0.875)  # timm's
-            >>> prep.crop_box(640, 480)  # shorter side to 256, then the centre 224 x 224
-            (110.0, 30.0, 530.0, 450.0)
-        """
-        if self.transform is None or self.crop_pct is None:
-            return (0.0, 0.0, float(width), float(height))
-        _, crop_h, crop_w = self.input_size
-        scale = math.floor(min(crop_h, crop_w) / self.crop_pct) / min(width, height)
-        box_w, box_h = crop_w / scale, crop_h / scale
-        left, top = (width - box_w) / 2, (height - box_h) / 2
-        return (left, top, left + box_w, top + box_h)
-
-    def class_name(self, index: int) -> str:
-        """Name of class ``index`` (its number where names are unknown)."""
-        if self.class_names is None or not 0 <= index < len(self.class_names):
-            return str(index)
-        return self.class_names[index]
-
-    def class_index(self, name_or_index: str | int) -> int:
-        """Class index from a number, a name or one synonym of a name (case-insensitive).
-
-        ImageNet descriptions list synonyms: ``"tabby"`` finds ``"tabby, tabby cat"``.
-
-        Raises:
-            ValueError: For an unknown or ambiguous name (candidates listed, at most 10), or
-                a number outside the known classes.
-        """
-        return class_index(name_or_index, self.class_names)
-
-
-def _to_pil(image: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-        if image.ndim == 3 and image.shape[0] in (1, 3):
-            image = image.transpose(1, 2, 0)
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        if array.min() < 0 or array.max() > 1:
-            raise ValueError(
-                "float images must be in [0, 1]; denormalise model inputs first "
-                "(Preprocessing.denormalize) or pass uint8"
-            )
-        array = (array * 255).round().astype(np.uint8)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return Image.fromarray(array)
 
 
 def load_default(
@@ -191,42 +97,60 @@ def _load_config(config_path: Path, device: str | torch.device) -> tuple[nn.Modu
     return model.to(device).eval(), _config_preprocessing(config)
 
 
+PREPROCESSINGS = ("model", "paper")
+"""Named preprocessings: the model library's own eval transform, or the paper's official one."""
+
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+"""Key prefixes that training wrappers add (DataParallel, Lightning-style ``self.model``,
+``torch.compile``); stripped when every key of a checkpoint carries one."""
+
+
 def load_model(
     name_or_path: str,
-    weights: str | Path | None = None,
+    weights: str | Path | Mapping[str, torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
     *,
     num_classes: int | None = None,
     class_names: Sequence[str] | str | Path | None = None,
     prompts: Sequence[str] | None = None,
+    preprocessing: str | None = None,
 ) -> tuple[nn.Module, Preprocessing]:
     """Load a model and its preprocessing.
 
     Args:
         name_or_path: ``"default"`` (the default embedded model), an embedded model's name
             (``"fashion-scenes"``, ``"fashion"``), a JSON config written by
-            ``benchmarks/train_default_model.py`` (weights next to it), a timm model name,
+            ``benchmarks/train_default_model.py`` (weights next to it), a timm model name
+            (optionally ``"timm:NAME"``), ``"paper:KEY"`` (one of the paper's seven models,
+            :data:`~class_space_saliency.paper.PAPER_MODELS`, see :func:`load_paper_model`),
             ``"hf:ORG/NAME"`` (a Hugging Face hub image classifier, needs the network, or
             ``"hf:FOLDER"`` saved with ``save_pretrained``), ``"torchvision:NAME"`` (a
-            torchvision classifier, see :func:`~class_space_saliency.hub.load_torchvision`)
+            torchvision classifier, see :func:`load_torchvision`)
             or ``"open_clip:ARCH[:TAG]"`` (a CLIP zero-shot classifier over ``prompts``; the
             tag's weights need the network, or pass ``weights``).
-        weights: For timm and torchvision names: a local ``.safetensors``/``.pth`` state
-            dict, e.g. your own fine-tuned checkpoint. Without it, pretrained weights are
-            downloaded (needs the network; offline, cached weights load at once and others
-            fail at once, without the hub's minute of retries).
+        weights: For timm and torchvision names: a local ``.safetensors``/``.pth`` state dict
+            (or the dict itself), e.g. your own fine-tuned checkpoint; a key prefix of
+            :data:`WRAPPER_PREFIXES` on every key is stripped. Without it, pretrained weights
+            are downloaded (needs the network; offline, cached weights load at once and others
+            fail at once, without the hub's minute of retries); a bare name that timm resolves
+            to other weights than the paper's for that architecture warns.
         device: Where to put the model.
         num_classes: Classes of the head. Default: inferred from ``weights`` (the shape of
             its head), else from ``class_names``, else the model's default (1000 for timm).
         class_names: Names of the classes in index order, or a text file with one per line.
         prompts: For ``open_clip:`` models: the text prompts that are the classes.
             Default: the ImageNet names for a 1000-class timm model, else none (numbers).
+        preprocessing: One of :data:`PREPROCESSINGS`: ``"model"``, the model library's own
+            eval transform (timm's data config), or ``"paper"``, the official code's (for
+            ``paper:`` models and timm names of the paper's architectures). Default:
+            ``"paper"`` for ``paper:`` models, else ``"model"``.
 
     Returns:
         ``(model in eval mode, Preprocessing)``.
 
     Raises:
-        ValueError: For an unknown name, or weights, ``num_classes`` and ``class_names``
+        ValueError: For an unknown name or preprocessing, ``"paper"`` preprocessing of a
+            model the paper did not use, or weights, ``num_classes`` and ``class_names``
             that disagree.
         FileNotFoundError: For a missing weights or class-names file.
         WeightsUnavailableError: (a ``RuntimeError``) If pretrained weights cannot be
@@ -240,12 +164,27 @@ def load_model(
         >>> model.num_classes, prep.input_size
         (37, (3, 224, 224))
     """
+    if preprocessing not in (None, *PREPROCESSINGS):
+        raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}, got {preprocessing!r}")
     if isinstance(class_names, (str, Path)):
         class_names = read_class_names(class_names)
     if class_names is not None:
         class_names = tuple(str(name) for name in class_names)
     if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if name_or_path.startswith("paper:"):
+        spec = paper_model(name_or_path.removeprefix("paper:"))
+        _check_class_count(spec.num_classes, num_classes, class_names, spec.name)
+        return load_paper_model(
+            spec, weights, device, preprocessing=preprocessing or "paper", class_names=class_names
+        )
+    name = name_or_path.removeprefix("timm:")
+    if preprocessing == "paper" and paper_model_of_architecture(name) is None:
+        raise ValueError(
+            f"preprocessing='paper' is the official code's for the paper's models, and "
+            f"{name_or_path!r} is not one of their timm architectures; load 'paper:KEY' "
+            f"(one of {list(PAPER_MODELS)}) or use preprocessing='model'"
+        )
     if name_or_path.startswith("open_clip:"):  # CLIP zero-shot (optional extra)
         from .hub import load_open_clip
 
@@ -255,59 +194,244 @@ def load_model(
 
         return load_hf(name_or_path[3:], device)
     if name_or_path.startswith("torchvision:"):
-        from .hub import load_torchvision
-
-        name = name_or_path.removeprefix("torchvision:")
         return load_torchvision(
-            name, weights, device, num_classes=num_classes, class_names=class_names
+            name_or_path.removeprefix("torchvision:"),
+            weights,
+            device,
+            num_classes=num_classes,
+            class_names=class_names,
         )
     if name_or_path in ("default", *EMBEDDED_MODELS) or name_or_path.endswith(".json"):
-        model, preprocessing = (
+        model, prep = (
             _load_config(Path(name_or_path), device)
             if name_or_path.endswith(".json")
             else load_default(DEFAULT_MODEL if name_or_path == "default" else name_or_path, device)
         )
-        _check_class_count(len(preprocessing.class_names), num_classes, class_names, "the model")
+        _check_class_count(len(prep.class_names), num_classes, class_names, "the model")
         if class_names is not None:
-            preprocessing = dataclasses.replace(preprocessing, class_names=class_names)
-        return model, preprocessing
-    if not timm.is_model(name_or_path):
+            prep = dataclasses.replace(prep, class_names=class_names)
+        return model, prep
+    if not timm.is_model(name):
         raise ValueError(
-            f"model must be 'default', one of {list(EMBEDDED_MODELS)}, a .json config or a "
-            f"timm model name, got "
-            f"{name_or_path!r} (see timm.list_models())"
+            f"model must be 'default', one of {list(EMBEDDED_MODELS)}, a .json config, "
+            f"'paper:KEY' or a timm model name, got {name_or_path!r} (see timm.list_models())"
         )
     if weights is not None:
-        state, options = read_checkpoint(weights, num_classes, class_names)
-        model = timm.create_model(name_or_path, pretrained=False, **options)
-        _load_state(model, state, name_or_path, Path(weights))
+        state, count = read_checkpoint(weights, num_classes, class_names)
+        model = _timm_model(name, state, count, _source(weights))
     else:
         count = num_classes or (len(class_names) if class_names else None)
         _check_class_count(count, num_classes, class_names, "num_classes")
-        options = {} if count is None else {"num_classes": count}
-        with cached_only_when_offline() as offline:
-            try:
-                model = timm.create_model(name_or_path, pretrained=True, **options)
-            except Exception as error:  # network or hub failures surface as many types
-                raise WeightsUnavailableError(
-                    name_or_path,
-                    unavailable_reason(offline, error),
-                    f"could not fetch pretrained weights for {name_or_path!r} "
-                    f"({unavailable_reason(offline, error)}); pass weights=PATH to a local "
-                    "state dict",
-                ) from error
-    config = timm.data.resolve_data_config({}, model=model)
+        warning = paper_weights_warning(name)
+        if warning is not None:
+            warnings.warn(warning, UserWarning, stacklevel=2)
+        model = _timm_model(name, None, count)
     if class_names is None and getattr(model, "num_classes", None) == 1000:
         class_names = imagenet_class_names()
+    if preprocessing == "paper":
+        prep = paper_model_of_architecture(name).preprocessing.build(class_names)
+    else:
+        prep = _model_preprocessing(model, class_names)
+    return model.to(device).eval(), prep
+
+
+def load_torchvision(
+    name: str,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+):
+    """A torchvision classifier and its preprocessing (``load_model("torchvision:NAME")``).
+
+    Args:
+        name: A name of ``torchvision.models.list_models()``, e.g. ``"vit_b_16"`` or
+            ``"resnet50"``.
+        weights: A local state dict (``.pth``/``.safetensors``); the number of classes is
+            read from its head. Without it, torchvision's ``DEFAULT`` weights download
+            (needs the network).
+        device: Where to put the model.
+        num_classes: Classes of the head, where no checkpoint says.
+        class_names: Names of the classes (default: the weights' categories, or ImageNet's
+            for a 1000-class head).
+
+    Returns:
+        ``(model in eval mode, Preprocessing)``: the weights' own transform (resize, centre
+        crop, normalisation), or for a local checkpoint torchvision's ImageNet recipe (resize
+        to ``size / 0.875``, centre crop ``size``, ImageNet mean and std), where ``size`` is
+        the model's ``image_size`` (ViT) or 224.
+
+    Raises:
+        ValueError: For an unknown name or a checkpoint that does not fit.
+        WeightsUnavailableError: (a ``RuntimeError``) If the DEFAULT weights cannot be
+            fetched.
+
+    Example:
+        >>> import torchvision
+        >>> resnet = torchvision.models.resnet18(num_classes=3)  # your fine-tune
+        >>> torch.save(resnet.state_dict(), "resnet3.pth")
+        >>> model, prep = load_torchvision("resnet18", weights="resnet3.pth")
+        >>> model.fc.out_features, prep.input_size, prep.crop_pct
+        (3, (3, 224, 224), 0.875)
+    """
+    import torchvision
+    from torchvision import transforms
+
+    if name not in torchvision.models.list_models():
+        raise ValueError(
+            f"unknown torchvision model {name!r} (see torchvision.models.list_models())"
+        )
+    if weights is not None:
+        state, count = read_checkpoint(weights, num_classes, class_names)
+        options = {} if count is None else {"num_classes": count}
+        model = torchvision.models.get_model(name, weights=None, **options)
+        _load_state(model, state, f"torchvision:{name}", str(weights))
+        size = getattr(model, "image_size", 224)
+        resize, mean, std = int(size / 0.875), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    else:
+        default = torchvision.models.get_model_weights(name).DEFAULT
+        cached = Path(torch.hub.get_dir(), "checkpoints", Path(default.url).name).is_file()
+        offline = None if cached else hub_unreachable(urlparse(default.url).hostname)
+        try:
+            if offline is not None:
+                raise ConnectionError(offline)
+            model = torchvision.models.get_model(name, weights=default)
+        except Exception as error:  # network and hub failures surface as many types
+            reason = unavailable_reason(offline, error)
+            raise WeightsUnavailableError(
+                f"torchvision:{name}",
+                reason,
+                f"could not fetch the weights of torchvision {name!r} ({reason}); "
+                "pass weights=PATH to a local state dict",
+            ) from error
+        preset = default.transforms()
+        size, resize = preset.crop_size[0], preset.resize_size[0]
+        mean, std = tuple(preset.mean), tuple(preset.std)
+        class_names = class_names or default.meta.get("categories")
+    classes = getattr(model, "num_classes", None) or _head_classes(model.state_dict())
+    if class_names is None and classes == 1000:
+        class_names = imagenet_class_names()
     preprocessing = Preprocessing(
-        mean=tuple(config["mean"]),
-        std=tuple(config["std"]),
-        input_size=tuple(config["input_size"]),
-        class_names=class_names,
-        transform=timm.data.create_transform(**config),
-        crop_pct=config.get("crop_pct") if config.get("crop_mode", "center") == "center" else None,
+        mean=mean,
+        std=std,
+        input_size=(3, size, size),
+        class_names=None if class_names is None else tuple(class_names),
+        transform=transforms.Compose(
+            [
+                transforms.Resize(resize, interpolation=transforms.InterpolationMode.BILINEAR),
+                transforms.CenterCrop(size),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        ),
+        crop_pct=size / resize,
     )
     return model.to(device).eval(), preprocessing
+
+
+def load_paper_model(
+    key: str | PaperModel,
+    weights: str | Path | Mapping[str, torch.Tensor] | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    preprocessing: str = "paper",
+    class_names: Sequence[str] | None = None,
+) -> tuple[nn.Module, Preprocessing]:
+    """One of the paper's seven models, with the official code's preprocessing.
+
+    The five timm models load their pinned weights (``vit_base_patch16_224.augreg_in21k_ft_in1k``
+    ...; timm downloads them). The CIFAR-100 model loads from the checkpoint the user
+    supplies (``weights``); its ``model.`` key prefix is stripped. The Refinement model
+    downloads the checkpoint the official code loads (or takes ``weights``); the keys of its
+    refinement heads, which neither the official forward nor the class-space analysis uses,
+    are dropped. ``weights`` also loads a local copy of a timm model's weights (offline use).
+
+    Args:
+        key: A key of :data:`~class_space_saliency.paper.PAPER_MODELS` (``"vit_b_32"``, ...),
+            or a :class:`~class_space_saliency.paper.PaperModel`.
+        weights: Checkpoint file (``.pth``/``.pt``/``.safetensors``) or state dict.
+        device: Where to put the model.
+        preprocessing: ``"paper"`` (the official code's) or ``"model"`` (timm's).
+        class_names: Names of the classes; default: ImageNet's for the 1000-class models.
+
+    Returns:
+        ``(model in eval mode, Preprocessing)``.
+
+    Raises:
+        ValueError: For an unknown key or preprocessing, a checkpoint that does not fit, or
+            a model whose checkpoint must be supplied and ``weights=None``.
+        RuntimeError: If weights cannot be downloaded.
+
+    Example:
+        >>> model, prep = load_paper_model("vit_b_32")  # doctest: +SKIP
+        >>> load_paper_model("vit_cifar_16")  # the authors' checkpoint  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: ViT-B/16 (CIFAR-100) is not in timm: pass weights=PATH to its checkpoint ...
+    """
+    spec = key if isinstance(key, PaperModel) else paper_model(key)
+    if preprocessing not in PREPROCESSINGS:
+        raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}, got {preprocessing!r}")
+    prefixes = (spec.key_prefix, *WRAPPER_PREFIXES) if spec.key_prefix else WRAPPER_PREFIXES
+    if weights is not None:
+        state, source = _read_state_dict(weights, prefixes), _source(weights)
+    elif spec.tag is not None:
+        state, source = None, spec.timm_name
+    elif spec.checkpoint_url is not None:
+        state, source = _download_state_dict(spec.checkpoint_url, prefixes), spec.checkpoint_url
+    else:
+        raise ValueError(
+            f"{spec.name} is not in timm: pass weights=PATH to its checkpoint "
+            f"{spec.checkpoint} ({spec.note})"
+        )
+    if state is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(spec.ignored_keys)}
+        model = _timm_model(spec.architecture, state, spec.num_classes, source)
+    else:
+        model = _timm_model(spec.timm_name, None, None)
+    names = class_names or (imagenet_class_names() if spec.num_classes == 1000 else None)
+    _check_class_count(spec.num_classes, None, names, spec.name)
+    if preprocessing == "paper":
+        prep = spec.preprocessing.build(names)
+    else:
+        prep = _model_preprocessing(model, names)
+    return model.to(device).eval(), prep
+
+
+def _timm_model(
+    name: str, state: dict[str, torch.Tensor] | None, num_classes: int | None, source: str = ""
+) -> nn.Module:
+    """timm model ``name`` with ``state`` loaded, or timm's pretrained weights (``None``)."""
+    options = {} if num_classes is None else {"num_classes": num_classes}
+    if state is not None:
+        model = timm.create_model(name, pretrained=False, **options)
+        _load_state(model, state, name, source)
+        return model
+    with cached_only_when_offline() as offline:
+        try:
+            return timm.create_model(name, pretrained=True, **options)
+        except Exception as error:  # network or hub failures surface as many types
+            reason = unavailable_reason(offline, error)
+            raise WeightsUnavailableError(
+                name,
+                reason,
+                f"could not fetch pretrained weights for {name!r} ({reason}); pass "
+                "weights=PATH to a local state dict",
+            ) from error
+
+
+def _model_preprocessing(model: nn.Module, class_names: Sequence[str] | None) -> Preprocessing:
+    """timm's eval transform for ``model`` (its pretrained config)."""
+    config = timm.data.resolve_data_config({}, model=model)
+    return timm_preprocessing(
+        config["input_size"],
+        config["mean"],
+        config["std"],
+        crop_pct=config["crop_pct"],
+        crop_mode=config.get("crop_mode") or "center",
+        interpolation=config["interpolation"],
+        class_names=class_names,
+    )
 
 
 def _check_class_count(
@@ -327,21 +451,21 @@ def _check_class_count(
 
 
 def read_checkpoint(
-    weights: str | Path,
+    weights: str | Path | Mapping[str, torch.Tensor],
     num_classes: int | None,
     class_names: Sequence[str] | None,
-) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """A local state dict and the ``num_classes`` option its head implies.
+) -> tuple[dict[str, torch.Tensor], int | None]:
+    """A local state dict and the number of classes its head implies (else ``num_classes``,
+    else the number of ``class_names``, else ``None``).
 
     Raises:
         FileNotFoundError: For a missing file.
         ValueError: Where the head, ``num_classes`` and ``class_names`` disagree.
     """
-    state = _read_state_dict(Path(weights))
+    state = _read_state_dict(weights)
     head = _head_classes(state)
-    _check_class_count(head, num_classes, class_names, f"the checkpoint {weights}")
-    count = head or num_classes or (len(class_names) if class_names else None)
-    return state, ({} if count is None else {"num_classes": count})
+    _check_class_count(head, num_classes, class_names, f"the checkpoint {_source(weights)}")
+    return state, head or num_classes or (len(class_names) if class_names else None)
 
 
 def _head_classes(state: dict[str, torch.Tensor]) -> int | None:
@@ -354,7 +478,7 @@ def _head_classes(state: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, source: str) -> None:
     """``load_state_dict`` with a short error naming a few mismatched keys."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -374,16 +498,62 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, pat
         if items
     ]
     if problems:
-        raise ValueError(f"weights {path} do not fit the model {name!r}: {'; '.join(problems)}")
+        raise ValueError(f"weights {source} do not fit the model {name!r}: {'; '.join(problems)}")
     model.load_state_dict(state)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _source(weights: str | Path | Mapping) -> str:
+    """How to name ``weights`` in messages."""
+    return "(state dict)" if isinstance(weights, Mapping) else str(weights)
+
+
+def _read_state_dict(
+    weights: str | Path | Mapping[str, torch.Tensor], prefixes: Sequence[str] = WRAPPER_PREFIXES
+) -> dict[str, torch.Tensor]:
+    """The state dict in a file (or given), unwrapped and without a prefix every key carries."""
+    if isinstance(weights, Mapping):
+        return _unwrap(weights, prefixes)
+    path = Path(weights)
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state.get("model", state))
+        return _unwrap(load_file(str(path)), prefixes)
+    try:
+        return _unwrap(torch.load(path, map_location="cpu", weights_only=True), prefixes)
+    except pickle.UnpicklingError as error:
+        raise ValueError(_UNSAFE_CHECKPOINT.format(source=path, error=error)) from error
+
+
+_UNSAFE_CHECKPOINT = (
+    "{source} holds Python objects besides tensors, which torch.load(weights_only=True) "
+    "refuses ({error}); if you trust the file, load it yourself with "
+    "torch.load(path, weights_only=False) and pass its state dict as weights="
+)
+
+
+def _download_state_dict(url: str, prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A checkpoint from ``url`` (cached in torch's hub folder), unwrapped as above."""
+    try:
+        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(_UNSAFE_CHECKPOINT.format(source=url, error=error)) from error
+    except Exception as error:  # network failures surface as many types
+        raise RuntimeError(
+            f"could not download {url} ({error}); download it yourself and pass weights=PATH"
+        ) from error
+    return _unwrap(state, prefixes)
+
+
+def _unwrap(state: Mapping, prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: its ``state_dict``/``model`` entry where it has
+    one, then without a prefix of ``prefixes`` that every key carries (repeatedly:
+    ``module.model.``)."""
+    state = dict(state.get("state_dict", state.get("model", state)))
+    while state:
+        prefix = next((p for p in prefixes if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {key[len(prefix) :]: value for key, value in state.items()}
+    return state

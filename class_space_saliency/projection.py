@@ -1,4 +1,4 @@
-"""Class-space projection of token states: per-token class scores and class identifiability.
+"""Class-space projection of token states: per-token class scores.
 
 For a token state ``x`` at any block, ``p = head(norm(x))`` are its class logits (Vilas et
 al., NeurIPS 2023). The target-only path gathers the target rows of a linear head so that
@@ -7,14 +7,10 @@ saliency costs ``O(N * D)`` per block instead of ``O(N * D * C)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
-from tqdm.auto import tqdm
 
 from ._deprecation import deprecated_aliases
-from ._validation import check_choice, check_inputs, check_target
+from ._validation import check_choice
 from .anatomy import ViTAnatomy
 
 TOKEN_SCORES = ("logit", "probability", "rank")
@@ -81,139 +77,6 @@ def token_scores(
     if score == "probability":
         return target_class_column(logits.softmax(-1), target)
     return normalized_rank(logits, target)
-
-
-@dataclass
-class Identifiability:
-    """Class identifiability per block (Vilas et al. 2023, Sec. 4).
-
-    Attributes:
-        layers: Block indices.
-        token_rank: Mean normalised rank of the label over image tokens and images (L,).
-        token_rate: Identifiability rate in % (L,): per image, the share of image tokens whose
-            top-1 class is the label, averaged over images.
-        cls_rank: Mean normalised rank of the label for the [CLS] token (L,), or ``None``
-            where the head reads no [CLS] (pooled models, also those that keep a [CLS] or
-            registers).
-        cls_rate: % of images whose [CLS] token's top-1 class is the label (L,), or ``None``.
-        num_images: Images the figures average over.
-        component: Which token state was projected.
-    """
-
-    layers: list[int]
-    token_rank: torch.Tensor
-    token_rate: torch.Tensor
-    cls_rank: torch.Tensor | None
-    cls_rate: torch.Tensor | None
-    num_images: int
-    component: str = "residual"
-
-    def to_dict(self) -> dict:
-        """Plain-Python view (lists of floats) for JSON."""
-
-        def values(t: torch.Tensor | None) -> list[float] | None:
-            return None if t is None else [round(float(v), 6) for v in t]
-
-        return dict(
-            layers=self.layers,
-            component=self.component,
-            num_images=self.num_images,
-            token_rank=values(self.token_rank),
-            token_rate=values(self.token_rate),
-            cls_rank=values(self.cls_rank),
-            cls_rate=values(self.cls_rate),
-        )
-
-    def __str__(self) -> str:
-        header = f"{'layer':>5} {'img rank':>9} {'img rate %':>10}"
-        if self.cls_rank is not None:
-            header += f" {'cls rank':>9} {'cls top-1 %':>11}"
-        title = f"class identifiability ({self.component}, {self.num_images} images)"
-        lines = [title, header]
-        for i, layer in enumerate(self.layers):
-            line = f"{layer:>5} {self.token_rank[i]:>9.4f} {self.token_rate[i]:>10.2f}"
-            if self.cls_rank is not None:
-                line += f" {self.cls_rank[i]:>9.4f} {self.cls_rate[i]:>11.2f}"
-            lines.append(line)
-        return "\n".join(lines)
-
-    def plot(self, ax=None):
-        """Plot identifiability by block (see :func:`visualize.plot_identifiability`)."""
-        from .visualize import plot_identifiability
-
-        return plot_identifiability(self, ax=ax)
-
-
-@torch.no_grad()
-def class_identifiability(
-    model: torch.nn.Module | ViTAnatomy,
-    inputs: torch.Tensor,
-    labels: int | Sequence[int] | torch.Tensor,
-    layers: int | Sequence[int] | str = "all",
-    component: str = "residual",
-    max_batch_size: int = 64,
-    progress: bool = False,
-) -> Identifiability:
-    """Class identifiability of [CLS] and image tokens at each block, in one pass per chunk.
-
-    Args:
-        model: A supported ViT, or its :class:`ViTAnatomy`.
-        inputs: Normalised images (B, C, H, W).
-        labels: Class per image (Captum target conventions).
-        layers: Blocks to analyse (int, list of ints or ``"all"``).
-        component: ``"residual"``, ``"attention"`` or ``"mlp"``.
-        max_batch_size: Images per forward pass.
-        progress: Show a progress bar.
-
-    Returns:
-        An :class:`Identifiability` result; ``print`` it or call ``.plot()``.
-
-    Example:
-        >>> result = class_identifiability(model, images, labels)
-        >>> result.layers, result.token_rate.shape  # one value per block
-        ([0, 1, 2], torch.Size([3]))
-    """
-    anatomy = model if isinstance(model, ViTAnatomy) else ViTAnatomy.from_model(model)
-    check_inputs(inputs, anatomy)
-    check_choice("component", component, ("residual", "attention", "mlp"))
-    if not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
-    blocks = anatomy.resolve_layers(layers)
-    labels = check_target(labels, inputs.shape[0], anatomy.num_classes)
-    if labels is None:
-        raise ValueError("labels must be given (int, list of ints or int tensor), got None")
-    prefix = anatomy.num_prefix_tokens
-    cls = anatomy.readout.cls_index
-
-    def summarise(component_: str, block: int, tokens: torch.Tensor) -> torch.Tensor:
-        logits = anatomy.project(tokens).float()  # (b, N, C)
-        chunk_labels = current_labels.to(logits.device)
-        rank = normalized_rank(logits, chunk_labels)  # (b, N)
-        top1 = (logits.argmax(-1) == chunk_labels[:, None]).float()
-        # per image: [img rank, img rate, cls rank, cls top-1]
-        image = torch.stack([rank[:, prefix:].mean(1), top1[:, prefix:].mean(1) * 100], 1)
-        if cls is None:
-            return image
-        return torch.cat([image, rank[:, cls, None], top1[:, cls, None] * 100], 1)
-
-    totals = torch.zeros(len(blocks), 2 if cls is None else 4, dtype=torch.float64)
-    starts = range(0, inputs.shape[0], max_batch_size)
-    for start in tqdm(starts, desc="identifiability", disable=not progress):
-        current_labels = labels[start : start + max_batch_size]
-        with anatomy.capture([(component, b) for b in blocks], reduce=summarise) as cap:
-            anatomy.forward(inputs[start : start + max_batch_size])
-        for i, block in enumerate(blocks):
-            totals[i] += cap.tokens[(component, block)].double().sum(0).cpu()
-    means = (totals / inputs.shape[0]).float()
-    return Identifiability(
-        layers=blocks,
-        token_rank=means[:, 0],
-        token_rate=means[:, 1],
-        cls_rank=None if cls is None else means[:, 2],
-        cls_rate=None if cls is None else means[:, 3],
-        num_images=int(inputs.shape[0]),
-        component=component,
-    )
 
 
 __getattr__ = deprecated_aliases(__name__, {"SCORES": "TOKEN_SCORES"}, globals())

@@ -33,10 +33,13 @@ from ._validation import TargetType, check_inputs, check_target
 from .anatomy import ViTAnatomy
 from .methods import create_methods, list_methods
 
-DEFAULT_METHODS = tuple(name for name in list_methods(variants=False) if name != "random")
+DEFAULT_METHODS = tuple(
+    name for name in list_methods(variants=False, needs_fitting=False) if name != "random"
+)
 """Methods :func:`cascading_randomization` checks unless told otherwise: every registered
 method but ``random``, whose map depends on the image and seed alone (as ``sobel``'s and
-``intensity``'s do, which stay as the model-agnostic references)."""
+``intensity``'s do, which stay as the model-agnostic references), and those built from fitted
+parameters (``linear_probe``: name it with ``method_kwargs={"linear_probe": {"probes": ...}}``)."""
 
 
 @torch.no_grad()

@@ -348,7 +348,7 @@ def plot_identifiability(result, ax=None):
     """Plot identifiability rate (%) and mean normalised rank by block.
 
     Args:
-        result: An :class:`~class_space_saliency.projection.Identifiability`.
+        result: An :class:`~class_space_saliency.analysis.Identifiability`.
         ax: Optional matplotlib Axes (a new figure otherwise).
 
     Returns:

@@ -75,6 +75,12 @@ def tiny_vit(shared_models: SharedModels) -> Iterator[Callable[..., nn.Module]]:
 
 
 @pytest.fixture
+def tiny_timm(shared_models: SharedModels) -> Iterator[Callable[..., nn.Module]]:
+    """``tiny_timm(architecture)``: the shared ``testing.tiny_timm``; must not be changed."""
+    yield from _getter(shared_models, testing.tiny_timm, "vit_base_patch16_rpn_224")
+
+
+@pytest.fixture
 def tiny_hf_vit(shared_models: SharedModels) -> Iterator[Callable[..., nn.Module]]:
     """``tiny_hf_vit(family="vit")``: the shared ``testing.tiny_hf_vit``; must not be changed."""
     pytest.importorskip("transformers")

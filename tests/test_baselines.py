@@ -27,6 +27,7 @@ from class_space_saliency.testing import (
     NUM_CLASSES,
     VIT_FAMILIES,
     assert_state_unchanged,
+    build_method,
     captum_gradcam_on_tokens,
     chefer_by_hand,
     gradcam_by_hand,
@@ -318,7 +319,7 @@ def test_model_state_untouched(tiny_vit, name):
             module.fused_attn = True
     model.train()
     before = model_state(model)
-    maps = create_method(name, model).attribute(tiny_images("plain"), target=[1, 2, 3])
+    maps = build_method(name, model).attribute(tiny_images("plain"), target=[1, 2, 3])
     assert maps.shape == (3, 1, 4, 4) and maps.dtype == torch.float32 and not maps.requires_grad
     assert_state_unchanged(model, before)
     assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))

@@ -10,7 +10,7 @@ from captum.metrics import infidelity, sensitivity_max
 
 from class_space_saliency import testing
 from class_space_saliency.methods import METHODS, ClassSpaceSaliency, create_method
-from class_space_saliency.testing import class_space_map_by_hand
+from class_space_saliency.testing import build_method, class_space_map_by_hand
 
 TARGETS = [1, 4]
 
@@ -39,7 +39,7 @@ def _noise_tunnel_by_hand(explainer, images, samples, stdev, seed):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_runs_inside_noise_tunnel(model, images, name):
-    explainer = create_method(name, model)
+    explainer = build_method(name, model)
     expected = _noise_tunnel_by_hand(explainer, images, samples=3, stdev=0.2, seed=7)
     for nt_type in ("smoothgrad", "smoothgrad_sq", "vargrad"):
         torch.manual_seed(7)
@@ -51,7 +51,7 @@ def test_every_method_runs_inside_noise_tunnel(model, images, name):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_input_shaped_maps_feed_captum_infidelity(model, images, name):
-    explainer = create_method(name, model)
+    explainer = build_method(name, model)
     shaped = explainer.attribute(images, target=TARGETS, input_shaped=True)
     assert shaped.shape == images.shape
     maps = explainer.attribute(images, target=TARGETS)

@@ -18,7 +18,7 @@ from class_space_saliency.cli import main
 from class_space_saliency.methods import create_method, list_methods, method_info
 from class_space_saliency.models import load_model
 
-LAYERED = [name for name in list_methods() if "layer" in method_info(name).options]
+LAYERED = [n for n in list_methods(needs_fitting=False) if "layer" in method_info(n).options]
 
 
 @pytest.fixture
@@ -149,6 +149,7 @@ def test_layer_lists_work_for_every_layered_method(tmp_path, photo, timm_checkpo
     check_per_layer_maps(out, record, model, x, LAYERED, [0, 2, 5])
     # one-layer methods draw panels only; methods that combine layers draw the combination
     assert set(record["maps"]) == {"class_space", "class_space_gradient",
+                                   "class_space_contributions",
                                    "class_space_gradient_paper"}  # fmt: skip
 
 

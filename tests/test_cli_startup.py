@@ -72,7 +72,7 @@ def test_package_names_load_on_first_use():
     assert ran.stdout.split() == [
         "False", "class_space_saliency.methods.class_space", "True", "fashion-scenes"
     ]  # fmt: skip
-    assert set(class_space_saliency.__all__) == set(class_space_saliency._EXPORTS)
+    assert set(class_space_saliency.__all__) == {*class_space_saliency._EXPORTS, "analysis"}
     for name in class_space_saliency.__all__:
         assert getattr(class_space_saliency, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
@@ -84,7 +84,7 @@ def test_names_offered_before_import_equal_the_registry_and_presets():
     from class_space_saliency.evaluation import PRESETS
     from class_space_saliency.methods import VARIANTS, list_methods
 
-    assert tuple(list_methods()) == _cli_common.BUILTIN_METHODS
+    assert tuple(list_methods(needs_fitting=False)) == _cli_common.BUILTIN_METHODS
     assert tuple(VARIANTS) == _cli_common.BUILTIN_VARIANTS
     assert tuple(sanity.DEFAULT_METHODS) == _cli_common.SANITY_METHODS
     assert tuple(models.EMBEDDED_MODELS) == _cli_common.EMBEDDED_MODELS

@@ -16,7 +16,12 @@ from torch import nn
 from class_space_saliency.cli import main
 from class_space_saliency.evaluation import load_records, run_benchmark
 from class_space_saliency.methods import METHODS, SaliencyMethod, create_method
-from class_space_saliency.testing import assert_state_unchanged, model_state, tiny_images
+from class_space_saliency.testing import (
+    assert_state_unchanged,
+    build_method,
+    model_state,
+    tiny_images,
+)
 
 MODEL_FREE = {"random", "sobel", "intensity"}
 """Controls that never run the model."""
@@ -56,7 +61,7 @@ def raising_hook(module: nn.Module, error: type[BaseException]) -> Iterator[list
 def test_model_unchanged_after_success(prepared_model, name):
     model = prepared_model
     before = model_state(model)
-    maps = create_method(name, model).attribute(tiny_images("plain"), target=TARGETS)
+    maps = build_method(name, model).attribute(tiny_images("plain"), target=TARGETS)
     assert maps.shape == (3, 1, 4, 4)
     assert_state_unchanged(model, before)
     assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
@@ -66,7 +71,7 @@ def test_model_unchanged_after_success(prepared_model, name):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_model_unchanged_after_an_exception_inside_the_forward_pass(prepared_model, name, error):
     model = prepared_model
-    explainer = create_method(name, model)
+    explainer = build_method(name, model)
     before = model_state(model)
     with raising_hook(explainer.anatomy.blocks[1], error) as calls:
         if name in MODEL_FREE:
@@ -95,7 +100,7 @@ class InterruptedOnSecondBatch:
 
 def test_model_unchanged_after_ctrl_c_in_the_benchmark(prepared_model, tmp_path):
     model = prepared_model
-    methods = {name: create_method(name, model) for name in METHODS}
+    methods = {name: build_method(name, model) for name in METHODS}
     methods["interrupted"] = InterruptedOnSecondBatch(create_method("chefer", model))
     before = model_state(model)
     with pytest.raises(KeyboardInterrupt, match="inside the forward pass"):
@@ -119,8 +124,8 @@ def test_model_unchanged_after_ctrl_c_in_the_benchmark(prepared_model, tmp_path)
 def test_maps_are_bit_identical_across_calls_and_instances(tiny_vit, name):
     model = tiny_vit("registers")
     images = tiny_images("registers")
-    first = create_method(name, model).attribute(images, target=TARGETS)
-    explainer = create_method(name, model)
+    first = build_method(name, model).attribute(images, target=TARGETS)
+    explainer = build_method(name, model)
     for _ in range(2):
         assert torch.equal(explainer.attribute(images, target=TARGETS), first)
 

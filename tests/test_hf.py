@@ -24,6 +24,7 @@ from class_space_saliency.testing import (
     HF_FAMILIES,
     assert_state_unchanged,
     assert_token_removal_matches,
+    build_method,
     captum_gradcam_on_tokens,
     chefer_by_hand,
     model_state,
@@ -113,7 +114,7 @@ def test_every_method_finds_the_parts_and_leaves_the_model_alone(model, family):
             with pytest.raises(UnsupportedModelError, match="needs a \\[CLS\\] token that"):
                 create_method(name, model)
             continue
-        result = create_method(name, model).attribute(images, TARGET)
+        result = build_method(name, model).attribute(images, TARGET)
         assert result.shape == (3, 1, 4, 4) and torch.isfinite(result).all(), name
     assert_state_unchanged(model, before)
     assert model.config._attn_implementation == "sdpa"  # eager only while hooked

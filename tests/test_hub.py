@@ -11,7 +11,7 @@ import torchvision
 from huggingface_hub import constants
 from torchvision.models import _api
 
-from class_space_saliency import hub
+from class_space_saliency import hub, models
 from class_space_saliency.hub import WeightsUnavailableError
 from class_space_saliency.models import load_model
 
@@ -82,6 +82,6 @@ def test_load_torchvision_from_a_local_checkpoint(tmp_path, monkeypatch):
 
 def test_torchvision_weights_offline_fail_at_once(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # nothing cached
-    monkeypatch.setattr(hub, "hub_unreachable", lambda host: f"{host} cannot be reached")
+    monkeypatch.setattr(models, "hub_unreachable", lambda host: f"{host} cannot be reached")
     with pytest.raises(WeightsUnavailableError, match=r"download\.pytorch\.org cannot be reached"):
         load_model("torchvision:resnet18")

@@ -17,7 +17,8 @@ from class_space_saliency import (
     GradCAM,
     RandomSaliency,
 )
-from class_space_saliency.methods import ClassSpaceOptions, create_method, list_methods
+from class_space_saliency.methods import ClassSpaceOptions, list_methods
+from class_space_saliency.testing import build_method
 
 NUM_CLASSES = 6
 
@@ -143,7 +144,7 @@ def test_options_are_frozen_and_read_as_attributes(model):
 
 def test_every_method_declares_its_options_once(model):
     for name in list_methods(variants=False):
-        explainer = create_method(name, model)
+        explainer = build_method(name, model)
         fields = [f.name for f in dataclasses.fields(explainer.Options)]
         assert tuple(fields) == type(explainer)._option_order
         for field in fields:  # every declared option is readable and overridable per call

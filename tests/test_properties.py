@@ -120,6 +120,7 @@ def test_maps_have_the_grid_shape_are_finite_batch_invariant_and_leave_the_model
         "class_space": dict(layer=case.layer, component=case.component),
         "rollout": {},
         "gradcam": {},
+        "class_space_contributions": dict(layer=case.layer),
     }
     for name, options in methods.items():
         explainer = create_method(name, model, **options)

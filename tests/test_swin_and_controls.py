@@ -107,7 +107,7 @@ def test_swin_refuses_attention_methods_and_token_removal_with_a_reason(tiny_swi
         create_method("class_space_gradient", model)
     with pytest.raises(TypeError, match="merges patches"):
         check_token_model(model)
-    with pytest.raises(ValueError, match="local windows"):
+    with pytest.raises(UnsupportedModelError, match="local windows"):
         ClassSpaceSaliency(model, component="attention").attribute(tiny_images(), 0)
 
 

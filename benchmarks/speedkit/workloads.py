@@ -30,7 +30,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 MEASUREMENTS = (
     "forward",
     *VARIANTS,
-    *(name for name in list_methods(variants=False) if name != "class_space"),
+    *(name for name in list_methods(variants=False, needs_fitting=False) if name != "class_space"),
     CAPTUM,
 )
 """Every measured call; ``forward`` (plain, under ``torch.no_grad()``) is the reference."""

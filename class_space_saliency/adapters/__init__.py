@@ -11,10 +11,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import clip, hf, swin, timm_eva, timm_vit, torchvision_vit
+from . import (
+    clip,
+    hf,
+    swin,
+    timm_class_attention,
+    timm_convit,
+    timm_eva,
+    timm_vit,
+    torchvision_vit,
+)
 from .base import NormThenHeads, Readout, TokenPath, UnsupportedModelError
 
-ADAPTERS = (clip, swin, hf, timm_eva, timm_vit, torchvision_vit)
+ADAPTERS = (clip, swin, hf, timm_eva, timm_convit, timm_class_attention, timm_vit, torchvision_vit)
 """Adapters in the order they are tried (specific families before duck-typed ones)."""
 
 

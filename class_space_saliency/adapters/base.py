@@ -104,6 +104,75 @@ def pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (int(first), int(second))
 
 
+def first_conv_in_channels(module: nn.Module) -> int | None:
+    """Input channels of the first ``nn.Conv2d`` in ``module`` (a patch embedding, a conv stem
+    or a hybrid's CNN backbone), or ``None`` if it has none."""
+    conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else conv.in_channels
+
+
+def token_stride(patch_embed: nn.Module) -> tuple[int, int]:
+    """Pixels per token of a timm patch embedding: its patch size, times the CNN backbone's
+    reduction (``feature_ratio``) for hybrid embeddings (``HybridEmbed``: ResNet-ViT hybrids,
+    ViTamin), whose own ``patch_size`` counts feature-map cells."""
+    stride = pair(patch_embed.patch_size)
+    ratio = getattr(patch_embed, "feature_ratio", None)
+    if ratio is None:
+        return stride
+    ratio = pair(ratio)
+    return (stride[0] * ratio[0], stride[1] * ratio[1])
+
+
+def is_post_norm(block: nn.Module) -> bool:
+    """Whether ``block`` normalises each branch after it: ``x + norm1(attn(x))``, then
+    ``x + norm2(mlp(x))`` (timm ``ResPostBlock``, ``ResPostRelPosBlock``,
+    ``EvaBlockPostNorm``; the paper's GAP model ``vit_base_patch16_rpn_224`` has them)."""
+    from timm.models.eva import EvaBlockPostNorm
+    from timm.models.vision_transformer import ResPostBlock
+    from timm.models.vision_transformer_relpos import ResPostRelPosBlock
+
+    return isinstance(block, ResPostBlock | ResPostRelPosBlock | EvaBlockPostNorm)
+
+
+def timm_block_parts(
+    blocks: Sequence[nn.Module],
+    stem: nn.Module | None,
+    scale_parameters: tuple[str, str] = ("gamma_1", "gamma_2"),
+) -> dict:
+    """Branches, layer scales, norms and attention inputs of timm-style blocks.
+
+    Pre-norm blocks (``x + ls1(attn(norm1(x)))``): see :func:`block_branches`; the
+    attention reads ``norm1``'s output. Post-norm blocks (:func:`is_post_norm`): the
+    branches added to the stream are the outputs of ``norm1`` and ``norm2`` (no layer
+    scale), there is no norm before attention, and the attention reads the incoming stream:
+    the previous block's output (``stem``'s for the first block).
+
+    Args:
+        blocks: The transformer blocks.
+        stem: The module whose output enters the first block (timm ``norm_pre``), or None.
+        scale_parameters: Names of the attention / MLP layer-scale parameters.
+
+    Returns:
+        ``attention_branches``, ``mlp_branches``, ``layer_scales``, ``pre_attention_norms``
+        and ``attention_inputs`` for ViTAnatomy.
+    """
+    parts = block_branches(blocks, "attn", "mlp", scale_parameters=scale_parameters)
+    norms: list[nn.Module | None] = []
+    inputs: list[nn.Module | None] = []
+    for i, block in enumerate(blocks):
+        # ParallelScalingBlock: in_norm feeds the fused attention + MLP projection
+        norm1 = getattr(block, "norm1", getattr(block, "in_norm", None))
+        if not is_post_norm(block):
+            norms.append(norm1)
+            inputs.append(norm1)
+            continue
+        parts["attention_branches"][i], parts["mlp_branches"][i] = block.norm1, block.norm2
+        parts["layer_scales"]["attention"][i] = parts["layer_scales"]["mlp"][i] = None
+        norms.append(None)
+        inputs.append(blocks[i - 1] if i else stem)
+    return dict(parts, pre_attention_norms=norms, attention_inputs=inputs)
+
+
 def block_branches(
     blocks: Sequence[nn.Module],
     attn: str,

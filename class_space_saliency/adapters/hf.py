@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers`` ViT-like image classifiers: ViT, DeiT, BEiT, DINOv2.
+"""Hugging Face ``transformers`` ViT-like image classifiers: ViT, DeiT, BEiT, DINOv2, I-JEPA.
 
 Found on ``PreTrainedModel`` subclasses whose base model has ``embeddings``, a list of layers
 (``layers``, ``encoder.layers`` or ``encoder.layer``) and a final ``layernorm``; the heads and
@@ -10,9 +10,11 @@ the rows they read follow each model's ``forward``:
   (``use_mean_pooling``), else on [CLS]; layer scale in ``lambda_1`` / ``lambda_2``.
 - DINOv2 (with registers): ``classifier`` on ``[CLS ; mean of image tokens]``; a token's
   class-space projection is ``classifier([x ; x])`` (the logits if every token were ``x``).
+- I-JEPA: no [CLS]; ``classifier`` on the mean of all tokens.
 
-Attention probabilities come from eager attention (switched on while hooked); outputs are
-``ImageClassifierOutput`` objects whose ``.logits`` are used.
+Attention probabilities come from eager attention (switched on while hooked); attention
+modules that fix their implementation when the model is built (Data2VecVision) refuse.
+Outputs are ``ImageClassifierOutput`` objects whose ``.logits`` are used.
 """
 
 from __future__ import annotations
@@ -76,10 +78,15 @@ def parts(model: nn.Module) -> dict:
     layers = list(_layers(base))
     registers = int(getattr(config, "num_register_tokens", 0) or 0)
     distilled = hasattr(base.embeddings, "distillation_token")
-    prefix = 1 + int(distilled) + registers
+    has_cls = getattr(base.embeddings, "cls_token", None) is not None
+    prefix = int(has_cls) + int(distilled) + registers
     norm: nn.Module = base.layernorm
-    token_path: TokenPath | str = "BEiT's relative position bias is tied to the full grid"
-    if hasattr(model, "cls_classifier"):  # DeiT with teacher
+    token_path: TokenPath | str = (
+        "BEiT-style layers take the patch grid and a relative position bias tied to the full grid"
+    )
+    if not has_cls:  # I-JEPA: the mean of all tokens
+        heads, readout = (model.classifier,), Readout(pool_start=0)
+    elif hasattr(model, "cls_classifier"):  # DeiT with teacher
         heads = (model.cls_classifier, model.distillation_classifier)
         readout = Readout(cls_rows=(0, 1))
     elif config.model_type.startswith("dinov2"):
@@ -95,7 +102,7 @@ def parts(model: nn.Module) -> dict:
             f"{type(model).__name__} has no image-classification head (classifier); load an "
             "...ForImageClassification model"
         )
-    if config.model_type != "beit":
+    if config.model_type not in ("beit", "data2vec-vision"):
         token_path = _token_path(model, layers, prefix)
     if any(isinstance(head, nn.Identity) for head in heads):
         raise UnsupportedModelError(f"{type(model).__name__} has no classifier head (num_labels=0)")
@@ -112,8 +119,7 @@ def parts(model: nn.Module) -> dict:
         patch_size=pair(config.patch_size),
         img_size=None if config.model_type.startswith("dinov2") else pair(config.image_size),
         in_chans=int(config.num_channels),
-        attention_modules=[layer.attention for layer in layers],
-        attention_kind="hf",
+        **_attention(layers),
         pre_attention_norms=[getattr(layer, norm1) for layer in layers],
         token_path=token_path,
         output_logits=hf_logits,
@@ -121,8 +127,23 @@ def parts(model: nn.Module) -> dict:
     )
 
 
+def _attention(layers: list[nn.Module]) -> dict:
+    """Attention modules whose implementation can be switched to eager (they read
+    ``config._attn_implementation`` when called), or the reason there are none."""
+    modules = [layer.attention for layer in layers]
+    fixed = [m for m in modules if not hasattr(getattr(m, "config", None), "_attn_implementation")]
+    if not fixed:
+        return dict(attention_modules=modules, attention_kind="hf")
+    reason = (
+        f"{type(fixed[0]).__name__} fixes its attention implementation when the model is built "
+        "and returns no probabilities to a hook"
+    )
+    return dict(attention_modules=None, attention_kind="hf", attention_reason=reason)
+
+
 def _token_path(model: nn.Module, layers: list[nn.Module], prefix: int) -> TokenPath:
-    """Embeddings, layers, final norm and head of ViT / DeiT / DINOv2 on any token count."""
+    """Embeddings, layers, final norm and head of ViT / DeiT / DINOv2 / I-JEPA on any token
+    count."""
     base = model.base_model
 
     def classify(tokens: torch.Tensor) -> torch.Tensor:
@@ -135,6 +156,8 @@ def _token_path(model: nn.Module, layers: list[nn.Module], prefix: int) -> Token
             return (model.cls_classifier(normed[:, 0]) + distilled) / 2
         if model.config.model_type.startswith("dinov2"):
             return model.classifier(torch.cat([normed[:, 0], normed[:, prefix:].mean(1)], -1))
+        if prefix == 0:  # I-JEPA: the mean of all tokens
+            return model.classifier(normed.mean(1))
         return model.classifier(normed[:, 0])
 
     return TokenPath(base.embeddings, classify, prefix)

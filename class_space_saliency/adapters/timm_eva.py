@@ -1,8 +1,9 @@
 """timm ``Beit`` and ``Eva`` (EVA, EVA-02): layer scale in ``gamma_1`` / ``gamma_2``.
 
 Their attention/MLP branches are the ``attn`` / ``mlp`` outputs times the block's
-``gamma_1`` / ``gamma_2`` parameters; position information lives inside attention (relative
-position bias, rotary embeddings), so tokens cannot be removed from their sequences.
+``gamma_1`` / ``gamma_2`` parameters (post-norm ``EvaBlockPostNorm``: ``norm1(attn(x))``,
+``norm2(mlp(x))``); position information lives inside attention (relative position bias,
+rotary embeddings), so tokens cannot be removed from their sequences.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import timm_vit
-from .base import block_branches, pair
+from .base import pair, timm_block_parts
 
 NAME = "timm BEiT/EVA"
 LOOKS_FOR = "a timm Beit or Eva (blocks with gamma_1/gamma_2, norm, fc_norm, head)"
@@ -29,7 +30,7 @@ def parts(model: nn.Module) -> dict:
     heads = timm_vit.heads_of(model)
     blocks = list(model.blocks)
     patch_embed = model.patch_embed
-    attention = [b.attn for b in blocks]
+    attention, reason = timm_vit.attention_of(blocks)
     return dict(
         family=NAME,
         blocks=blocks,
@@ -40,11 +41,11 @@ def parts(model: nn.Module) -> dict:
         patch_size=pair(patch_embed.patch_size),
         img_size=None if getattr(model, "dynamic_img_size", False) else pair(patch_embed.img_size),
         dynamic_pad=bool(getattr(patch_embed, "dynamic_img_pad", False)),
-        in_chans=patch_embed.proj.in_channels,
-        attention_modules=attention if all(hasattr(m, "attn_drop") for m in attention) else None,
+        in_chans=timm_vit.in_channels(patch_embed),
+        attention_modules=attention,
         attention_kind="timm",
-        pre_attention_norms=[b.norm1 for b in blocks],
+        attention_reason=reason,
         token_path=f"{type(model).__name__} keeps position information inside attention "
         "(relative position bias or rotary embeddings), which removed tokens would misalign",
-        **block_branches(blocks, "attn", "mlp"),
+        **timm_block_parts(blocks, stem=getattr(model, "norm_pre", None)),
     )

@@ -1,7 +1,11 @@
 """timm ``VisionTransformer`` and its kin (DeiT distilled, registers, pooled heads).
 
 Duck-typed on ``blocks``, ``norm``, ``head``, ``patch_embed`` and ``num_prefix_tokens``, so
-timm-style custom ViTs are found too. BEiT/EVA have their own adapter (:mod:`.timm_eva`).
+timm-style custom ViTs are found too. BEiT/EVA have their own adapter (:mod:`.timm_eva`),
+and so have ConViT (:mod:`.timm_convit`), CaiT and XCiT (:mod:`.timm_class_attention`).
+Post-norm blocks (the GAP model ``vit_base_patch16_rpn_224``) add ``norm1(attn(x))`` and
+``norm2(mlp(x))`` to the stream; hybrid patch embeddings (ResNet-ViT hybrids, ViTamin) have
+one token per ``feature_ratio x patch_size`` pixels.
 """
 
 from __future__ import annotations
@@ -9,7 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Readout, TokenPath, UnsupportedModelError, block_branches, pair
+from .base import (
+    Readout,
+    TokenPath,
+    UnsupportedModelError,
+    first_conv_in_channels,
+    pair,
+    timm_block_parts,
+    token_stride,
+)
 
 NAME = "timm ViT"
 LOOKS_FOR = "a timm VisionTransformer (blocks, norm/fc_norm, head, num_prefix_tokens, patch_embed)"
@@ -59,13 +71,37 @@ def heads_of(model: nn.Module) -> tuple[nn.Module, ...]:
     return tuple(heads)
 
 
+DIFFERENTIAL_ATTENTION = (
+    "differential attention (timm DiffAttention) weighs values by the difference of two "
+    "softmaxes, which are not attention probabilities to read, roll out or weight by gradients"
+)
+
+
+def attention_of(blocks: list[nn.Module]) -> tuple[list[nn.Module] | None, str | None]:
+    """The blocks' timm attention modules whose ``attn_drop`` input is the probabilities, or
+    ``(None, reason)``."""
+    from timm.layers import DiffAttention
+
+    attention = [getattr(b, "attn", None) for b in blocks]
+    if any(isinstance(m, DiffAttention) for m in attention):
+        return None, DIFFERENTIAL_ATTENTION
+    if all(m is not None and hasattr(m, "attn_drop") for m in attention):
+        return attention, None
+    return None, None
+
+
+def in_channels(patch_embed: nn.Module) -> int | None:
+    """Input channels of a timm patch embedding (hybrids: of their CNN backbone)."""
+    channels = getattr(patch_embed, "in_chans", None)
+    return int(channels) if channels is not None else first_conv_in_channels(patch_embed)
+
+
 def parts(model: nn.Module) -> dict:
     """ViTAnatomy parts of a timm ViT."""
     heads = heads_of(model)
     patch_embed = model.patch_embed
     blocks = list(model.blocks)
-    attention = [getattr(b, "attn", None) for b in blocks]
-    usable = all(m is not None and hasattr(m, "attn_drop") for m in attention)
+    attention, reason = attention_of(blocks)
     return dict(
         family=NAME,
         blocks=blocks,
@@ -73,15 +109,15 @@ def parts(model: nn.Module) -> dict:
         heads=heads,
         readout=readout(model, heads),
         num_prefix_tokens=int(model.num_prefix_tokens),
-        patch_size=pair(patch_embed.patch_size),
+        patch_size=token_stride(patch_embed),
         img_size=None if getattr(model, "dynamic_img_size", False) else pair(patch_embed.img_size),
         dynamic_pad=bool(getattr(patch_embed, "dynamic_img_pad", False)),
-        in_chans=getattr(getattr(patch_embed, "proj", None), "in_channels", None),
-        attention_modules=attention if usable else None,
+        in_chans=in_channels(patch_embed),
+        attention_modules=attention,
         attention_kind="timm",
-        pre_attention_norms=[getattr(b, "norm1", None) for b in blocks],
+        attention_reason=reason,
         token_path=token_path(model),
-        **block_branches(blocks, "attn", "mlp"),
+        **timm_block_parts(blocks, stem=getattr(model, "norm_pre", None)),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Readout, TokenPath, pair
+from .base import Readout, TokenPath, first_conv_in_channels, pair
 
 NAME = "torchvision ViT"
 LOOKS_FOR = "a torchvision VisionTransformer (encoder.layers, encoder.ln, heads)"
@@ -33,7 +33,7 @@ def parts(model: nn.Module) -> dict:
         num_prefix_tokens=1,
         patch_size=pair(model.patch_size),
         img_size=pair(model.image_size),
-        in_chans=model.conv_proj.in_channels,
+        in_chans=first_conv_in_channels(model.conv_proj),  # a conv or a conv stem
         attention_branches=[b.self_attention for b in blocks],
         mlp_branches=[b.mlp for b in blocks],
         attention_modules=[b.self_attention for b in blocks],

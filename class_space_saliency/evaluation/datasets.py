@@ -18,21 +18,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
+from ..datasets.files import UnreadableImageError, files_fingerprint, open_image
+
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
-
-
-class UnreadableImageError(Exception):
-    """An image file of the dataset could not be decoded.
-
-    Attributes:
-        path: The file.
-        reason: What went wrong.
-    """
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        super().__init__(f"cannot read image {path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
 
 
 class ImageFolderDataset(Dataset):
@@ -90,11 +78,9 @@ class ImageFolderDataset(Dataset):
 
     def fingerprint(self, n: int) -> str:
         """SHA-256 (16 hex digits) of the first ``n`` files' bytes, names and labels."""
-        digest = hashlib.sha256()
-        for path, label in self.samples[:n]:
-            digest.update(f"{path.relative_to(self.root)}:{label};".encode())
-            digest.update(path.read_bytes() if path.is_file() else b"missing")
-        return digest.hexdigest()[:16]
+        return files_fingerprint(
+            (f"{path.relative_to(self.root)}:{label}", [path]) for path, label in self.samples[:n]
+        )
 
     @property
     def labels(self) -> list[int]:
@@ -104,12 +90,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         """The preprocessed image and label; ``UnreadableImageError`` for a broken file."""
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            raise UnreadableImageError(path, f"{type(error).__name__}: {error}") from error
-        return self.transform(rgb), label
+        return self.transform(open_image(path)), label
 
 
 def match_class_folders(

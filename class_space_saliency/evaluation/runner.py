@@ -10,7 +10,6 @@ and writes its own shard; rank 0 writes the report once all ranks are done.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .._fingerprint import model_fingerprint
 from ..adapters.hf import hf_logits
 from ..methods import create_method
 from .curves import area_under_curve, check_token_model, perturbation_scores
@@ -37,16 +37,6 @@ class Attributor(TypingProtocol):
     """Anything with a saliency method's ``attribute(inputs, target)`` -> (B, 1, h, w)."""
 
     def attribute(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short SHA-256 of the model's state dict (names, dtypes, shapes and values)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        values = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{values.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(values.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def build_methods(

@@ -14,10 +14,12 @@ from __future__ import annotations
 from .base import MethodOptions, SaliencyMethod
 from .class_space import ClassSpaceOptions, ClassSpaceSaliency
 from .class_space_gradient import ClassSpaceAttentionGradient, ClassSpaceGradientOptions
+from .class_space_contributions import ClassSpaceContributions, ClassSpaceContributionsOptions
 from .gradcam import GradCAM, GradCAMOptions
 from .rollout import AttentionRollout, RolloutOptions
 from .chefer import CheferRollout
 from .raw_attention import RawAttention, RawAttentionOptions
+from .linear_probe import LinearProbeOptions, LinearProbeSaliency
 from .controls import IntensitySaliency, RandomOptions, RandomSaliency, SobelSaliency
 from .registry import (
     COSTS,
@@ -45,12 +47,16 @@ __all__ = [
     "AttentionRollout",
     "CheferRollout",
     "ClassSpaceAttentionGradient",
+    "ClassSpaceContributions",
+    "ClassSpaceContributionsOptions",
     "ClassSpaceGradientOptions",
     "ClassSpaceOptions",
     "ClassSpaceSaliency",
     "GradCAM",
     "GradCAMOptions",
     "IntensitySaliency",
+    "LinearProbeOptions",
+    "LinearProbeSaliency",
     "MethodInfo",
     "MethodOptions",
     "RandomOptions",

@@ -93,6 +93,36 @@ def check_attention_support(
         )
 
 
+def check_blocks_hold_prefix(
+    method: str, anatomy: ViTAnatomy, model: nn.Module, first_block: int, option: str | None
+) -> None:
+    """Raise ``UnsupportedModelError`` unless every block from ``first_block`` on holds the
+    prefix tokens (the [CLS] row the head reads; attention matrices of one size).
+
+    Args:
+        method: The method's name, for the message.
+        anatomy: The model's anatomy (``prefix_from_block``).
+        model: The model, for the message.
+        first_block: The first block the method reads.
+        option: The option that chooses the blocks, for the message (e.g. ``"start_layer"``;
+            ``None`` for a method that reads every block).
+    """
+    joins = anatomy.prefix_from_block
+    if first_block >= joins:
+        return
+    name = type(model).__name__
+    if joins >= anatomy.depth:
+        raise UnsupportedModelError(
+            f"{method} needs the rows the head reads in every block it reads, but the [CLS] "
+            f"token of {name} joins only after its last block (in class-attention blocks)"
+        )
+    advice = f"choose blocks from {joins} on (e.g. {option}={joins})" if option else "it reads all"
+    raise UnsupportedModelError(
+        f"{method} reads blocks from {first_block} on, but the [CLS] token of {name} joins "
+        f"the tokens at block {joins} (the attention matrices change size there); {advice}"
+    )
+
+
 @torch.no_grad()
 def record_attention(
     anatomy: ViTAnatomy, inputs: torch.Tensor, blocks: Sequence[int]

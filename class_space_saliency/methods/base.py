@@ -1,4 +1,5 @@
-"""The Captum-style base every saliency method derives from, and the options base.
+"""The Captum-style base every saliency method derives from, the options base, and the
+metadata the registry keeps of each method (:class:`MethodInfo`).
 
 A method is a :class:`SaliencyMethod` subclass with an ``Options`` dataclass (its settings,
 declared once) and a ``_attribute`` hook (its computation on one validated chunk). The
@@ -11,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, final
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, final
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +27,6 @@ from ..anatomy import ViTAnatomy
 from ..classes import class_index
 from ._attention import check_attention_support
 
-if TYPE_CHECKING:
-    from .registry import MethodInfo
-
 ANATOMY_ARGUMENTS = ("blocks", "norm", "head", "num_prefix_tokens", "patch_size", "img_size")
 """Constructor keywords that describe a custom model (see ``ViTAnatomy.from_model``)."""
 
@@ -37,7 +37,7 @@ al.'s code) or ``"nearest"`` (every pixel takes its patch's value: patch-aligned
 
 
 def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
-    """Upsample (B, K, h, w) patch maps to (B, K, H, W).
+    """Upsample (B, K, h, w) patch maps to (B, K, H, W) (or (B, ..., h, w) to (B, ..., H, W)).
 
     Bilinear interpolation is computed in float64 and rounded to the maps' dtype (float32
     kernels give pixels of mathematically equal value, e.g. the clamped border rows, values
@@ -46,12 +46,12 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear
     the maps' dtype.
 
     Args:
-        maps: (B, K, h, w) floating-point maps.
+        maps: (B, K, h, w) floating-point maps, or (B, ..., h, w) (e.g. per block and head).
         size: Output (H, W).
         mode: One of :data:`UPSAMPLE_MODES`.
 
     Returns:
-        (B, K, H, W) maps of the input's dtype.
+        (B, K, H, W) maps of the input's dtype ((B, ..., H, W) for more leading dimensions).
 
     Example:
         >>> patches = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
@@ -61,6 +61,9 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear
         tensor([0., 0., 1., 1.])
     """
     check_choice("mode", mode, UPSAMPLE_MODES)
+    if maps.dim() > 4:  # (B, L, H, h, w) per-head maps: one (B, L*H, h, w) interpolation
+        flat = upsample_maps(maps.flatten(1, -3), size, mode)
+        return flat.reshape(*maps.shape[:-2], *flat.shape[-2:])
     if mode == "nearest":
         return F.interpolate(maps, size=tuple(size), mode="nearest")
     exact = maps if maps.device.type == "mps" else maps.double()
@@ -84,10 +87,10 @@ def input_shaped_maps(maps: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     Captum's metrics (``infidelity``) and Quantus-style code expect attributions with the
     shape of the inputs; every channel of a pixel gets the map value of that pixel.
     """
-    if maps.shape[1] != 1:
+    if maps.dim() != 4 or maps.shape[1] != 1:
         raise ValueError(
-            f"input_shaped=True needs one map per image, got {maps.shape[1]} "
-            "(per_layer=True cannot be combined with input_shaped=True)"
+            f"input_shaped=True needs one map per image, got maps of shape {tuple(maps.shape)} "
+            "(per_layer=True or per_head=True cannot be combined with input_shaped=True)"
         )
     if maps.shape[-2:] != inputs.shape[-2:]:
         maps = upsample_maps(maps, inputs.shape[-2:])
@@ -244,6 +247,12 @@ class SaliencyMethod(Attribution):
                 "image tokens; a [CLS] or register token there never reaches the head); use "
                 "ClassSpaceSaliency instead"
             )
+        if info.needs_cls and not self.anatomy.cls_blocks:
+            raise UnsupportedModelError(
+                f"{name} needs the [CLS] token that the classifier head reads in the blocks' "
+                f"tokens; the [CLS] of {type(self.model).__name__} joins only after its last "
+                "block (in class-attention blocks); use ClassSpaceSaliency instead"
+            )
         if info.needs_attention:
             differentiable = info.needs_gradients
             check_attention_support(name, self.anatomy, self.model, differentiable)
@@ -392,7 +401,8 @@ class SaliencyMethod(Attribution):
 
         Returns:
             float32 maps (B, 1, h, w) on the input's device (B, K, h, w where an option asks
-            for K maps per image); higher = more important.
+            for K maps per image, e.g. ``per_layer``; B, L, H, h, w for ``per_head``); higher
+            = more important.
 
         Raises:
             TypeError: For inputs or targets of the wrong type, an unknown option or an
@@ -441,3 +451,75 @@ def _final_for_captum(attribute: Any) -> Any:
 
 
 SaliencyMethod.attribute = _final_for_captum(SaliencyMethod.attribute)
+
+
+FLAGS = (
+    "needs_gradients",
+    "class_specific",
+    "needs_attention",
+    "needs_cls",
+    "model_agnostic",
+    "needs_fitting",
+)
+"""The boolean fields of :class:`MethodInfo`, each a filter of :func:`list_methods`."""
+
+COSTS = ("no model pass", "forward only", "forward + backward")
+"""What one call costs, coarsely (``MethodInfo.cost``)."""
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What code needs to know about a registered method.
+
+    Attributes:
+        name: The registry name.
+        method: The :class:`~.base.SaliencyMethod` subclass.
+        needs_gradients: Takes gradients (a backward pass); the others run under
+            ``torch.no_grad()`` unless asked for a graph.
+        class_specific: The map depends on ``target``; class-agnostic methods validate
+            the target and otherwise ignore it.
+        needs_attention: Reads post-softmax attention probabilities (differentiable ones
+            where it also needs gradients); checked when the method is built.
+        needs_cls: Needs a [CLS] token that the head reads; checked when it is built.
+        model_agnostic: Never runs the model (controls); works on any image classifier.
+        needs_fitting: Built from parameters fitted beforehand on the model's token states
+            (``linear_probe``'s ``probes=``): ``create_method`` needs them, so code that
+            builds methods from their names alone lists ``needs_fitting=False``.
+        fixed_options: Options a named variant fixes (empty for a registered method).
+        variant_of: The registered method a variant builds, else ``None``.
+    """
+
+    name: str
+    method: type[SaliencyMethod]
+    needs_gradients: bool = False
+    class_specific: bool = True
+    needs_attention: bool = False
+    needs_cls: bool = False
+    model_agnostic: bool = False
+    needs_fitting: bool = False
+    fixed_options: Mapping[str, Any] = field(default_factory=dict)
+    variant_of: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"a method name must be an identifier, got {self.name!r}")
+        if not (isinstance(self.method, type) and issubclass(self.method, SaliencyMethod)):
+            raise TypeError(f"{self.name!r} must be a SaliencyMethod subclass, got {self.method}")
+        for flag in FLAGS:
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.model_agnostic and (self.needs_gradients or self.needs_attention):
+            raise ValueError(f"{self.name!r}: a model-agnostic method cannot need the model")
+        object.__setattr__(self, "fixed_options", MappingProxyType(dict(self.fixed_options)))
+
+    @property
+    def cost(self) -> str:
+        """One of :data:`COSTS`, from the flags."""
+        if self.model_agnostic:
+            return COSTS[0]
+        return COSTS[2] if self.needs_gradients else COSTS[1]
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The option names the method takes (its ``Options`` fields), in order."""
+        return self.method._option_order

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._attention import image_token_row
+from ._attention import check_blocks_hold_prefix, image_token_row
 from .base import MethodOptions, SaliencyMethod, tokens_to_grid
 from .registry import register_method
 
@@ -67,6 +67,10 @@ class CheferRollout(SaliencyMethod):
         >>> CheferRollout(model).attribute(torch.randn(2, 3, 32, 32), target=[0, 4]).shape
         torch.Size([2, 1, 4, 4])
     """
+
+    def _resolve_options(self, options: MethodOptions) -> MethodOptions:
+        check_blocks_hold_prefix("CheferRollout", self.anatomy, self.model, 0, None)
+        return options
 
     def _attribute(
         self,

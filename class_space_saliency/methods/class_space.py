@@ -87,13 +87,12 @@ class ClassSpaceSaliency(SaliencyMethod):
         options: ClassSpaceOptions,
     ) -> torch.Tensor:
         anatomy, component, score = self.anatomy, options.component, options.score
-        prefix = anatomy.num_prefix_tokens
 
-        def image_scores(_: str, __: int, tokens: torch.Tensor) -> torch.Tensor:
-            return token_scores(anatomy, tokens[:, prefix:], target, score)
+        def image_scores(_: str, block: int, tokens: torch.Tensor) -> torch.Tensor:
+            return token_scores(anatomy, anatomy.image_tokens(tokens, block, grid), target, score)
 
-        def image_tokens(_: str, __: int, tokens: torch.Tensor) -> torch.Tensor:
-            return tokens[:, prefix:]
+        def image_tokens(_: str, block: int, tokens: torch.Tensor) -> torch.Tensor:
+            return anatomy.image_tokens(tokens, block, grid)
 
         # With a known target the scores are reduced inside the hook, so only (B, N) per
         # block is kept; for the predicted class the image tokens wait for the output.

@@ -49,13 +49,14 @@ class GradCAMOptions(MethodOptions):
     """Options of :class:`GradCAM`.
 
     Attributes:
-        layer: A block index (that block's norm before attention: timm ``norm1``,
-            torchvision ``ln_1``, Hugging Face ``layernorm_before``; default ``-1``, the last
-            block's, as pytorch-grad-cam recommends: the last block's output only reaches
-            the head through [CLS]) or any submodule of the model whose output is the tokens
-            (B, N, D) or a channels-last grid (B, h, w, D); the module once resolved. Models
-            that no adapter supports (a CNN, ...) need the module, whose output is a feature
-            map (B, C, h, w).
+        layer: A block index (the module whose output that block's attention reads: the
+            norm before attention, timm ``norm1``, torchvision ``ln_1``, Hugging Face
+            ``layernorm_before``; for post-norm blocks, which normalise after attention, the
+            previous block; default ``-1``, the last block's, as pytorch-grad-cam
+            recommends: the last block's output only reaches the head through [CLS]) or any
+            submodule of the model whose output is the tokens (B, N, D) or a channels-last
+            grid (B, h, w, D); the module once resolved. Models that no adapter supports (a
+            CNN, ...) need the module, whose output is a feature map (B, C, h, w).
         relu: Keep only positive evidence (the original Grad-CAM); ``False`` keeps the sign.
     """
 
@@ -134,13 +135,13 @@ class GradCAM(SaliencyMethod):
                 )
             return options
         index = self.anatomy.resolve_layers(layer)[0]
-        norms = self.anatomy.pre_attention_norms
-        if norms is None or not isinstance(norms[index], nn.Module):
+        inputs = self.anatomy.attention_inputs
+        if inputs is None or not isinstance(inputs[index], nn.Module):
             raise UnsupportedModelError(
-                f"block {layer} ({type(self.anatomy.blocks[index]).__name__}) has no known norm "
-                "before attention; pass the module to explain as layer=..."
+                f"block {layer} ({type(self.anatomy.blocks[index]).__name__}) has no known "
+                "module whose output its attention reads; pass the module to explain as layer=..."
             )
-        return replace(options, layer=norms[index])
+        return replace(options, layer=inputs[index])
 
     def _attribute(
         self,
@@ -168,9 +169,10 @@ class GradCAM(SaliencyMethod):
                 )
             if grid_out:  # timm Swin: (B, h, w, D) is already the grid; the gradient stops here
                 return view(output.detach().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            prefix = self.anatomy.num_prefix_tokens
             tokens = output.detach()  # the gradient stops here
             batch, count, width = tokens.shape
+            # [CLS] joins some models' tokens late (ConViT, CaiT): count this layer's prefix
+            prefix = self.anatomy.count_prefix(count, grid, f"layer {type(module).__name__}")
             image = tokens[:, prefix:].transpose(1, 2).reshape(batch * width, count - prefix)
             image = view(tokens_to_grid(image, grid).reshape(batch, width, *grid))
             return torch.cat([tokens[:, :prefix], image.flatten(2).transpose(1, 2)], 1)

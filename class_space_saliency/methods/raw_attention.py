@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._attention import fuse_heads, image_token_row, record_attention
+from ._attention import check_blocks_hold_prefix, fuse_heads, image_token_row, record_attention
 from .base import MethodOptions, SaliencyMethod, tokens_to_grid
 from .registry import register_method
 
@@ -50,7 +50,9 @@ class RawAttention(SaliencyMethod):
     Options = RawAttentionOptions
 
     def _resolve_options(self, options: RawAttentionOptions) -> RawAttentionOptions:
-        return replace(options, layer=self.anatomy.resolve_layers(options.layer)[0])
+        layer = self.anatomy.resolve_layers(options.layer)[0]
+        check_blocks_hold_prefix("RawAttention", self.anatomy, self.model, layer, "layer")
+        return replace(options, layer=layer)
 
     def _attribute(
         self,

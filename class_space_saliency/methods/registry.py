@@ -8,80 +8,17 @@ tests list methods with :func:`list_methods` and build them with :func:`create_m
 Example:
     >>> from class_space_saliency import list_methods
     >>> list_methods(needs_gradients=False, model_agnostic=False, variants=False)
-    ['class_space', 'rollout', 'raw_attention']
+    ['class_space', 'class_space_contributions', 'rollout', 'raw_attention', 'linear_probe']
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, TypeVar
 
 from torch import nn
 
-from .base import SaliencyMethod
-
-FLAGS = ("needs_gradients", "class_specific", "needs_attention", "needs_cls", "model_agnostic")
-"""The boolean fields of :class:`MethodInfo`, each a filter of :func:`list_methods`."""
-
-COSTS = ("no model pass", "forward only", "forward + backward")
-"""What one call costs, coarsely (``MethodInfo.cost``)."""
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """What code needs to know about a registered method.
-
-    Attributes:
-        name: The registry name.
-        method: The :class:`~.base.SaliencyMethod` subclass.
-        needs_gradients: Takes gradients (a backward pass); the others run under
-            ``torch.no_grad()`` unless asked for a graph.
-        class_specific: The map depends on ``target``; class-agnostic methods validate
-            the target and otherwise ignore it.
-        needs_attention: Reads post-softmax attention probabilities (differentiable ones
-            where it also needs gradients); checked when the method is built.
-        needs_cls: Needs a [CLS] token that the head reads; checked when it is built.
-        model_agnostic: Never runs the model (controls); works on any image classifier.
-        fixed_options: Options a named variant fixes (empty for a registered method).
-        variant_of: The registered method a variant builds, else ``None``.
-    """
-
-    name: str
-    method: type[SaliencyMethod]
-    needs_gradients: bool = False
-    class_specific: bool = True
-    needs_attention: bool = False
-    needs_cls: bool = False
-    model_agnostic: bool = False
-    fixed_options: Mapping[str, Any] = field(default_factory=dict)
-    variant_of: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.isidentifier():
-            raise ValueError(f"a method name must be an identifier, got {self.name!r}")
-        if not (isinstance(self.method, type) and issubclass(self.method, SaliencyMethod)):
-            raise TypeError(f"{self.name!r} must be a SaliencyMethod subclass, got {self.method}")
-        for flag in FLAGS:
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
-        if self.model_agnostic and (self.needs_gradients or self.needs_attention):
-            raise ValueError(f"{self.name!r}: a model-agnostic method cannot need the model")
-        object.__setattr__(self, "fixed_options", MappingProxyType(dict(self.fixed_options)))
-
-    @property
-    def cost(self) -> str:
-        """One of :data:`COSTS`, from the flags."""
-        if self.model_agnostic:
-            return COSTS[0]
-        return COSTS[2] if self.needs_gradients else COSTS[1]
-
-    @property
-    def options(self) -> tuple[str, ...]:
-        """The option names the method takes (its ``Options`` fields), in order."""
-        return self.method._option_order
-
+from .base import COSTS, FLAGS, MethodInfo, SaliencyMethod
 
 _REGISTRY: dict[str, MethodInfo] = {}
 
@@ -115,6 +52,7 @@ def register_method(
     needs_attention: bool = False,
     needs_cls: bool = False,
     model_agnostic: bool = False,
+    needs_fitting: bool = False,
 ) -> Callable[[Method], Method]:
     """Class decorator: register a :class:`~.base.SaliencyMethod` subclass under ``name``.
 
@@ -128,6 +66,8 @@ def register_method(
         needs_attention: The method reads attention probabilities.
         needs_cls: The method needs a [CLS] token that the head reads.
         model_agnostic: The method never runs the model.
+        needs_fitting: The method is built from fitted parameters (a constructor option
+            without a default).
 
     Returns:
         The decorator (it returns the class unchanged apart from ``info`` and ``cost``).
@@ -158,6 +98,7 @@ def register_method(
             needs_attention=needs_attention,
             needs_cls=needs_cls,
             model_agnostic=model_agnostic,
+            needs_fitting=needs_fitting,
         )
         _add(info)
         cls.info = info

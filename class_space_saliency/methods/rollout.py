@@ -8,7 +8,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from .._validation import check_choice
-from ._attention import HEAD_FUSIONS, fuse_heads, image_token_row, record_attention
+from ._attention import (
+    HEAD_FUSIONS,
+    check_blocks_hold_prefix,
+    fuse_heads,
+    image_token_row,
+    record_attention,
+)
 from .base import MethodOptions, SaliencyMethod, tokens_to_grid
 from .registry import register_method
 
@@ -143,7 +149,9 @@ class AttentionRollout(SaliencyMethod):
     Options = RolloutOptions
 
     def _resolve_options(self, options: RolloutOptions) -> RolloutOptions:
-        return replace(options, start_layer=self.anatomy.resolve_layers(options.start_layer)[0])
+        start = self.anatomy.resolve_layers(options.start_layer)[0]
+        check_blocks_hold_prefix("AttentionRollout", self.anatomy, self.model, start, "start_layer")
+        return replace(options, start_layer=start)
 
     def _attribute(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import timm
 import torch
 import torchvision
+from timm.models.vitamin import VitCfg, VitConvCfg
 from torch import nn
 
 NUM_CLASSES = 7
@@ -33,7 +34,40 @@ POOLED_FAMILIES = ("avgcls", "reg4gap", "beit", "eva02", "beit_token")
 """timm families whose head reads pooled image tokens, or whose attention is position-aware."""
 
 HF_FAMILIES = ("vit", "deit", "beit", "dinov2", "dinov2_reg")
-"""Hugging Face transformers families of :func:`tiny_hf_vit`."""
+"""Hugging Face transformers families of :func:`tiny_hf_vit` with every method supported
+(it also builds ``"ijepa"`` and ``"data2vec_vision"``)."""
+
+TIMM_ARCHITECTURES = {
+    # the paper's GAP model and the other post-norm blocks: x + norm1(attn(x)), x + norm2(mlp(x))
+    "vit_base_patch16_rpn_224": dict(TIMM_TINY, depth=2),
+    "vit_relpos_base_patch16_rpn_224": dict(TIMM_TINY, depth=2),
+    "eva02_enormous_patch14_clip_224": dict(TIMM_TINY, depth=2),
+    # [CLS] joins late: before block local_up_to_layer, or in class-attention blocks
+    "convit_tiny": dict(TIMM_TINY, local_up_to_layer=1),
+    "cait_xxs24_224": dict(TIMM_TINY, depth=2, depth_token_only=1),
+    "xcit_nano_12_p8_224": dict(TIMM_TINY, depth=2, cls_attn_layers=1),
+    # hybrid patch embeddings: one token per 16x16 pixels of a 64x64 input
+    "vitamin_small_224": dict(
+        img_size=64,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=NUM_CLASSES,
+        embed_cfg=VitCfg(
+            embed_dim=(16, 16, 32),
+            depths=(1, 1, 1),
+            stem_width=16,
+            conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6),
+            head_type="1d",
+        ),
+    ),
+    "vit_tiny_r_s16_p8_224": dict(TIMM_TINY, img_size=64, patch_size=4, depth=2),
+    # blocks whose attention or branches cannot be read
+    "vit_dlittle_patch16_reg1_gap_256": dict(TIMM_TINY, depth=2),
+    "vit_base_patch16_xp_224": dict(TIMM_TINY, depth=2),
+}
+"""Tiny keyword arguments of the timm architectures of :func:`tiny_timm` (3 or 2 blocks,
+width 32, 7 classes; 32x32 inputs, 64x64 for the hybrids)."""
 
 CLIP_PROMPTS = ("a photo of a cat", "a photo of a dog", "a red car", "a tree")
 """The zero-shot classes of :func:`tiny_clip`."""
@@ -120,6 +154,32 @@ def tiny_vit(family: str = "plain") -> nn.Module:
     raise ValueError(f"family must be one of {[*VIT_FAMILIES, *POOLED_FAMILIES]}, got {family!r}")
 
 
+def tiny_timm(architecture: str) -> nn.Module:
+    """A tiny random timm model of one of :data:`TIMM_ARCHITECTURES` (eval mode).
+
+    Args:
+        architecture: a key of :data:`TIMM_ARCHITECTURES`: post-norm blocks (the paper's GAP
+            model ``vit_base_patch16_rpn_224``, its relative-position twin, EVA-02 CLIP
+            ``enormous``), models whose [CLS] joins late (ConViT, CaiT, XCiT), hybrid patch
+            embeddings (ViTamin, a ResNet-ViT hybrid), differential attention and parallel
+            blocks.
+
+    Returns:
+        The model in eval mode.
+
+    Example:
+        >>> tiny_timm("vit_base_patch16_rpn_224")(tiny_images()).shape
+        torch.Size([3, 7])
+    """
+    if architecture not in TIMM_ARCHITECTURES:
+        raise ValueError(
+            f"architecture must be one of {list(TIMM_ARCHITECTURES)}, got {architecture!r}"
+        )
+    torch.manual_seed(0)
+    options = {**TIMM_ARCHITECTURES[architecture], "pretrained": False}
+    return perturb_weights(timm.create_model(architecture, **options))
+
+
 def tiny_images(family: str = "plain", batch: int = 3, seed: int = 1) -> torch.Tensor:
     """Seeded standard-normal inputs for :func:`tiny_vit` (and the other 32x32 factories).
 
@@ -144,7 +204,9 @@ def tiny_hf_vit(family: str = "vit") -> nn.Module:
 
     Args:
         family: one of :data:`HF_FAMILIES`: ``"vit"``, ``"deit"`` (with teacher head),
-            ``"beit"`` (mean pooling, layer scale), ``"dinov2"``, ``"dinov2_reg"`` (2 registers).
+            ``"beit"`` (mean pooling, layer scale), ``"dinov2"``, ``"dinov2_reg"`` (2 registers);
+            or ``"ijepa"`` (no [CLS], mean of all tokens), ``"data2vec_vision"`` (BEiT-style,
+            attention implementation fixed when built).
 
     Returns:
         The model in eval mode (needs the ``transformers`` package).
@@ -168,6 +230,12 @@ def tiny_hf_vit(family: str = "vit") -> nn.Module:
             "Dinov2WithRegistersConfig",
             "Dinov2WithRegistersForImageClassification",
             dict(num_register_tokens=2),
+        ),
+        "ijepa": ("IJepaConfig", "IJepaForImageClassification", {}),
+        "data2vec_vision": (
+            "Data2VecVisionConfig",
+            "Data2VecVisionForImageClassification",
+            dict(layer_scale_init_value=0.5),
         ),
     }
     if family not in configs:

@@ -7,6 +7,7 @@ what a method should return from the model's submodules, so a test can compare t
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -37,8 +38,9 @@ def attention_by_hand(
     rope: torch.Tensor | None = None,
     num_prefix_tokens: int = 1,
     leaf_probs: bool = False,
+    edit_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One timm attention module (ViT, DeiT, BEiT, EVA-02) computed by hand.
+    """One timm attention module (ViT, DeiT, BEiT, EVA, relative-position ViT) by hand.
 
     Args:
         attn: the block's ``attn`` module.
@@ -46,40 +48,61 @@ def attention_by_hand(
         rope: EVA-02's rotary embedding of the image tokens, or None.
         num_prefix_tokens: tokens in front of the image tokens (not rotated).
         leaf_probs: make the probabilities a new autograd leaf (for block-local gradients).
+        edit_probs: replaces the probabilities before they weigh the values (knock-outs).
 
     Returns:
-        ``(probs, out)``: probabilities (B, heads, N, N) and the projected output (B, N, D).
+        ``(probs, out)``: probabilities (B, heads, N, N), edited if ``edit_probs`` is given,
+        and the projected output (B, N, D).
     """
     from timm.layers import apply_rot_embed_cat
 
     b, n, d = h.shape
-    bias = attn.qkv.bias
-    if getattr(attn, "q_bias", None) is not None:  # BEiT / EVA: separate q and v biases
-        bias = torch.cat([attn.q_bias, attn.k_bias, attn.v_bias])
-    qkv = F.linear(h, attn.qkv.weight, bias).reshape(b, n, 3, attn.num_heads, -1)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    if getattr(attn, "qkv", None) is None:  # EVA with separate q, k, v projections
+        q, k, v = (
+            proj(h).reshape(b, n, attn.num_heads, -1).transpose(1, 2)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+    else:
+        bias = attn.qkv.bias
+        if getattr(attn, "q_bias", None) is not None:  # BEiT / EVA: separate q and v biases
+            bias = torch.cat([attn.q_bias, attn.k_bias, attn.v_bias])
+            if getattr(attn, "qkv_bias_separate", False) and attn.qkv.bias is not None:
+                bias = bias + attn.qkv.bias
+        qkv = F.linear(h, attn.qkv.weight, bias).reshape(b, n, 3, attn.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
-        npt = num_prefix_tokens
-        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope)], 2)
-        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope)], 2)
+        npt, half = num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], 2)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2)
     scores = (q * attn.scale) @ k.transpose(-2, -1)
     if getattr(attn, "relative_position_bias_table", None) is not None:  # BEiT
         scores = scores + attn._get_rel_pos_bias()
+    if getattr(attn, "rel_pos", None) is not None:  # relative-position ViT: adds its bias
+        scores = attn.rel_pos(scores)
     probs = scores.softmax(-1)
     if leaf_probs:
         probs = probs.detach().requires_grad_(True)
-    out = (probs @ v).transpose(1, 2).reshape(b, n, d)
-    return probs, attn.proj(getattr(attn, "norm", nn.Identity())(out))
+    if edit_probs is not None:
+        probs = edit_probs(probs)
+    out = getattr(attn, "norm", nn.Identity())((probs @ v).transpose(1, 2).reshape(b, n, d))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(h).sigmoid()
+    return probs, attn.proj(out)
 
 
 def _layer_scaled(block: nn.Module, number: int, value: torch.Tensor) -> torch.Tensor:
-    """Layer scale: BEiT/EVA ``gamma_k`` parameters or timm ``ls_k`` modules."""
-    gamma = getattr(block, f"gamma_{number}", None)
+    """Layer scale: BEiT/EVA/CaiT ``gamma_k``, XCiT ``gammak`` parameters or timm ``ls_k``."""
+    gamma = getattr(block, f"gamma_{number}", getattr(block, f"gamma{number}", None))
     if gamma is not None:
         return gamma * value
     return getattr(block, f"ls{number}", nn.Identity())(value)
+
+
+POST_NORM_BLOCKS = ("ResPostBlock", "ResPostRelPosBlock", "EvaBlockPostNorm")
+"""timm blocks that normalise each branch's output: ``x + norm1(attn(x))``,
+``x + norm2(mlp(x))`` (the paper's GAP model ``vit_base_patch16_rpn_224`` has them)."""
 
 
 def block_by_hand(
@@ -89,27 +112,52 @@ def block_by_hand(
     num_prefix_tokens: int = 1,
     normed: torch.Tensor | None = None,
     leaf_probs: bool = False,
+    own_attention: bool = False,
+    grid: tuple[int, int] | None = None,
+    edit_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> BlockStates:
-    """One timm transformer block by hand (pre-norm attention and MLP, layer scale).
+    """One timm transformer block by hand: pre-norm (``x + ls1(attn(norm1(x)))``, then the
+    MLP alike) or post-norm (:data:`POST_NORM_BLOCKS`: ``x + norm1(attn(x))``, then
+    ``x + norm2(mlp(x))``), with layer scale; XCiT's third branch (``x +
+    gamma3 * local_mp(norm3(x))``) between attention and MLP.
 
     Args:
         block: a block of ``model.blocks``.
         x: the incoming residual stream (B, N, D).
         rope: see :func:`attention_by_hand`.
         num_prefix_tokens: see :func:`attention_by_hand`.
-        normed: use this as the attention's input instead of ``block.norm1(x)`` (a leaf for
-            Grad-CAM).
+        normed: use this as the attention's input instead of ``block.norm1(x)`` (``x`` for
+            post-norm blocks): a leaf for Grad-CAM.
         leaf_probs: see :func:`attention_by_hand`.
+        own_attention: call the block's attention module instead of computing it by hand
+            (attention kinds :func:`attention_by_hand` does not know: ConViT's gated
+            positional, CaiT's talking heads, XCiT's cross-covariance); ``probs`` is None.
+        grid: the patch grid (h, w) (XCiT's local patch interaction needs it).
+        edit_probs: see :func:`attention_by_hand`.
 
     Returns:
-        The block's :class:`BlockStates`.
+        The block's :class:`BlockStates` (``normed``: the attention's input).
     """
-    h = block.norm1(x) if normed is None else normed
-    probs, out = attention_by_hand(block.attn, h, rope, num_prefix_tokens, leaf_probs)
-    attention = _layer_scaled(block, 1, out)
+    post_norm = type(block).__name__ in POST_NORM_BLOCKS
+    if normed is None:
+        normed = x if post_norm else block.norm1(x)
+    if own_attention:
+        probs = None
+        out = block.attn(normed) if rope is None else block.attn(normed, rope=rope)
+    else:
+        probs, out = attention_by_hand(
+            block.attn, normed, rope, num_prefix_tokens, leaf_probs, edit_probs
+        )
+    attention = block.norm1(out) if post_norm else _layer_scaled(block, 1, out)
     x = x + attention
-    mlp = _layer_scaled(block, 2, block.mlp(block.norm2(x)))
-    return BlockStates(x + mlp, attention, mlp, probs, h)
+    if hasattr(block, "local_mp"):  # XCiT: local patch interaction on the grid
+        x = x + _layer_scaled(block, 3, block.local_mp(block.norm3(x), *grid))
+    mlp = (
+        block.norm2(block.mlp(x))
+        if post_norm
+        else _layer_scaled(block, 2, block.mlp(block.norm2(x)))
+    )
+    return BlockStates(x + mlp, attention, mlp, probs, normed)
 
 
 def embed_by_hand(
@@ -137,18 +185,26 @@ def embed_by_hand(
 
 
 def token_states(
-    model: nn.Module, images: torch.Tensor, leaf_block: int | None = None
+    model: nn.Module,
+    images: torch.Tensor,
+    leaf_block: int | None = None,
+    edit_probs: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, list[torch.Tensor]]:
     """Token states of every block, recomputed by hand from the model's submodules.
 
-    Works for timm ViT, DeiT, BEiT and EVA-02 models and ``torchvision`` ViTs. Runs with
+    Works for timm ViT, DeiT, BEiT and EVA models (pre-norm and post-norm blocks) and
+    ``torchvision`` ViTs. Runs with
     autograd on unless the caller disables it.
 
     Args:
         model: the ViT.
         images: (B, 3, H, W).
         leaf_block: timm only: the block whose attention input becomes a new autograd leaf
-            (returned as ``"leaf"``), for Grad-CAM references.
+            (returned as ``"leaf"``), for Grad-CAM references: ``norm1(x)`` of a pre-norm
+            block; the incoming stream ``x`` itself of a post-norm block (it enters both
+            the attention and the residual path).
+        edit_probs: timm only: ``f(block, probs) -> probs`` replaces each block's attention
+            probabilities before they weigh the values (knock-out references).
 
     Returns:
         ``{"residual", "attention", "mlp", "attn_probs"}``: lists over blocks of (B, N, D)
@@ -166,8 +222,8 @@ def token_states(
         key: [] for key in ("residual", "attention", "mlp", "attn_probs", "leaf")
     }
     if isinstance(model, torchvision.models.VisionTransformer):
-        if leaf_block is not None:
-            raise ValueError("leaf_block is only supported for timm models")
+        if leaf_block is not None or edit_probs is not None:
+            raise ValueError("leaf_block and edit_probs are only supported for timm models")
         x = model._process_input(images)
         x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], 1)
         x = x + model.encoder.pos_embedding
@@ -186,10 +242,14 @@ def token_states(
     npt = model.num_prefix_tokens
     for i, block in enumerate(model.blocks):
         normed = None
-        if i == leaf_block:
+        if i == leaf_block and type(block).__name__ in POST_NORM_BLOCKS:
+            x = x.detach().requires_grad_(True)
+            states["leaf"].append(x)
+        elif i == leaf_block:
             normed = block.norm1(x).detach().requires_grad_(True)
             states["leaf"].append(normed)
-        out = block_by_hand(block, x, rope, npt, normed)
+        edit = None if edit_probs is None else partial(edit_probs, i)
+        out = block_by_hand(block, x, rope, npt, normed, edit_probs=edit)
         x = out.output
         for key, value in zip(states, (x, out.attention, out.mlp, out.probs), strict=False):
             states[key].append(value)
@@ -437,3 +497,93 @@ def sobel_by_hand(images: torch.Tensor, patch: int | tuple[int, int]) -> torch.T
     padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
     gx, gy = F.conv2d(padded, kx[None, None]), F.conv2d(padded, kx.T[None, None])
     return F.avg_pool2d((gx**2 + gy**2).sqrt(), patch)
+
+
+def frozen_norm_gradient(
+    norm: nn.Module, head: nn.Module, state: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """d head(norm(state))[target] / d state with the LayerNorm's scale held constant.
+
+    Autograd through ``(state - mean) / sigma.detach() * weight + bias`` (the norm's scale
+    frozen at ``state``), then ``head``.
+
+    Args:
+        norm: an ``nn.LayerNorm`` (or ``nn.Identity``).
+        head: the linear head.
+        state: the read state (B, D).
+        target: (B,) class indices.
+
+    Returns:
+        (B, D) the gradient, one row per example.
+    """
+    with torch.enable_grad():
+        leaf = state.detach().requires_grad_(True)
+        normed = leaf
+        if isinstance(norm, nn.LayerNorm):
+            sigma = (leaf.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt().detach()
+            normed = (leaf - leaf.mean(-1, keepdim=True)) / sigma * norm.weight + norm.bias
+        logits = head(normed)
+        picked = logits[torch.arange(len(target)), target].sum()
+        (grad,) = torch.autograd.grad(picked, leaf)
+    return grad
+
+
+def direct_terms_by_hand(
+    model: nn.Module, images: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """The direct term of every (block, head, source token) in the target logit, by hand.
+
+    For a timm ViT / DeiT / BEiT / EVA-02 with pre-norm blocks: each read state ([CLS];
+    DeiT distilled: [CLS] and the distillation token, each head weighted 1/2; pooled models:
+    the mean of the image tokens, normalised by ``fc_norm``) gets the gradient of the target
+    logit with its final norm's scale frozen (:func:`frozen_norm_gradient`); the term of
+    head ``h`` and token ``j`` in block ``l`` is the read state's attention on ``j`` times
+    ``<gradient, layer scale * W_O^h v_j^h>``, summed over read states.
+
+    Args:
+        model: the ViT.
+        images: (B, 3, H, W).
+        target: (B,) class indices.
+
+    Returns:
+        (B, blocks, heads, tokens).
+    """
+    x, rope = embed_by_hand(model, images)
+    npt = model.num_prefix_tokens
+    probs, vectors = [], []
+    for block in model.blocks:
+        states = block_by_hand(block, x, rope, npt)
+        attn = block.attn
+        bias = attn.qkv.bias
+        if getattr(attn, "v_bias", None) is not None:  # BEiT / EVA: separate q and v biases
+            bias = torch.cat([attn.q_bias, attn.k_bias, attn.v_bias])
+        b, n, d = states.normed.shape
+        qkv = F.linear(states.normed, attn.qkv.weight, bias).reshape(b, n, 3, attn.num_heads, -1)
+        values = qkv[:, :, 2]  # (B, N, H, d)
+        per_head = attn.proj.weight.reshape(d, attn.num_heads, -1)  # (D, H, d)
+        written = torch.einsum("bnhk,ehk->bhne", values, per_head)  # W_O^h v_j: (B, H, N, D)
+        vectors.append(_layer_scaled(block, 1, written))
+        probs.append(states.probs)
+        x = states.output
+    if model.global_pool == "avg":
+        rows = torch.zeros(x.shape[1])
+        rows[npt:] = 1 / (x.shape[1] - npt)
+        reads = [(rows, model.fc_norm, model.head, 1.0)]
+    else:
+        heads = [model.head, *([model.head_dist] if hasattr(model, "head_dist") else [])]
+        reads = [
+            (F.one_hot(torch.tensor(i), x.shape[1]).float(), model.norm, head, 1 / len(heads))
+            for i, head in enumerate(heads)
+        ]
+    terms = 0
+    for rows, norm, head, share in reads:
+        grad = share * frozen_norm_gradient(norm, head, rows @ x, target)  # (B, D)
+        read_probs = [torch.einsum("i,bhij->bhj", rows, p) for p in probs]  # (B, H, N)
+        terms = terms + torch.stack(
+            [
+                p * (v @ grad[:, None, :, None]).squeeze(-1)
+                for p, v in zip(read_probs, vectors, strict=True)
+            ],
+            1,
+        )
+    return terms
