@@ -1,5 +1,6 @@
 """Loading hub models: Hugging Face image classifiers (``load_model("hf:ORG/NAME")``) and
-open_clip zero-shot classifiers (``load_model("open_clip:ARCH:TAG", prompts=...)``).
+open_clip zero-shot classifiers (``load_model("open_clip:ARCH:TAG", prompts=...)``), and the
+offline check that spares a user the hub's minute of retries (every loader uses it).
 
 Kept apart from :mod:`.models` so that ``transformers`` and ``open_clip_torch`` stay optional
 extras (``pip install class-space-saliency[hf]`` / ``[clip]``).
@@ -7,13 +8,129 @@ extras (``pip install class-space-saliency[hf]`` / ``[clip]``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .preprocessing import Preprocessing
+
+HUB_HOST = "huggingface.co"
+"""Where timm, transformers and open_clip download weights from."""
+
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be fetched, and no local file was given.
+
+    Attributes:
+        model: The model as named to :func:`~class_space_saliency.models.load_model`.
+        reason: Why, in a few words (e.g. ``"offline: HF_HUB_OFFLINE is set"``).
+    """
+
+    def __init__(self, model: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.model = model
+        self.reason = reason
+
+
+def hub_unreachable(host: str = HUB_HOST, timeout: float = 3.0) -> str | None:
+    """Why downloads from ``host`` cannot work now, or ``None`` where they may.
+
+    Offline when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set, or when a TCP
+    connection to ``host:443`` (name lookup included) fails within ``timeout`` seconds.
+    Behind a proxy (``HTTPS_PROXY``, ``ALL_PROXY``) the direct probe says nothing, so it is
+    skipped.
+
+    Args:
+        host: The download host.
+        timeout: Seconds to wait for the connection.
+
+    Returns:
+        A short reason (``"HF_HUB_OFFLINE is set"``, ``"huggingface.co cannot be reached"``)
+        or ``None``.
+
+    Example:
+        >>> os.environ["HF_HUB_OFFLINE"] = "1"
+        >>> hub_unreachable()
+        'HF_HUB_OFFLINE is set'
+        >>> del os.environ["HF_HUB_OFFLINE"]
+    """
+    for variable in _OFFLINE_VARIABLES:
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{variable} is set"
+    if any(os.environ.get(variable) for variable in _PROXY_VARIABLES):
+        return None
+    reached: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            reached.append(False)
+
+    probe = threading.Thread(target=connect, daemon=True)  # the name lookup has no timeout
+    probe.start()
+    probe.join(timeout)
+    return None if reached == [True] else f"{host} cannot be reached"
+
+
+@contextlib.contextmanager
+def cached_only_when_offline(host: str = HUB_HOST) -> Iterator[str | None]:
+    """Within the block, ``huggingface_hub`` serves only cached files if ``host`` is offline.
+
+    Without the network the hub retries every file for about a minute before it gives up;
+    here an offline machine gets cached weights at once or fails at once. The hub's offline
+    flag is restored on exit.
+
+    Yields:
+        The reason the host is offline (see :func:`hub_unreachable`), or ``None``.
+    """
+    reason = hub_unreachable(host)
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # timm without huggingface_hub downloads by URL: it fails fast
+        yield reason
+        return
+    previous = constants.HF_HUB_OFFLINE
+    if reason is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield reason
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+@contextlib.contextmanager
+def _quiet_root_logger(quiet: bool) -> Iterator[None]:
+    """Offline, open_clip logs each failed download on the root logger before it raises;
+    the error raised here says it in one line."""
+    if not quiet:
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def unavailable_reason(offline: str | None, error: BaseException) -> str:
+    """A one-line reason: the offline cause, else the first line of ``error``."""
+    if offline is not None:
+        return f"offline: {offline}, and the weights are not in the local cache"
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0][:200]
 
 
 def load_hf(name: str, device: str | torch.device = "cpu"):
@@ -29,7 +146,8 @@ def load_hf(name: str, device: str | torch.device = "cpu"):
 
     Raises:
         ImportError: If ``transformers`` is not installed.
-        RuntimeError: If the model cannot be fetched (offline, unknown id).
+        WeightsUnavailableError: (a ``RuntimeError``) If the model cannot be fetched
+            (offline, unknown id); offline, cached models load at once.
 
     Example:
         >>> # (skipped: downloads the model from the Hugging Face hub)
@@ -43,14 +161,18 @@ def load_hf(name: str, device: str | torch.device = "cpu"):
         ) from error
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a Hugging Face model id must be a non-empty string, got {name!r}")
-    try:
-        model: nn.Module = AutoModelForImageClassification.from_pretrained(name)
-        processor = AutoImageProcessor.from_pretrained(name)
-    except Exception as error:  # offline, unknown ids and hub errors surface as many types
-        raise RuntimeError(
-            f"could not load the Hugging Face model {name!r} ({error}); the hub needs the "
-            "network, or a local directory saved with save_pretrained()"
-        ) from error
+    downloads = contextlib.nullcontext() if Path(name).is_dir() else cached_only_when_offline()
+    with downloads as offline:
+        try:
+            model: nn.Module = AutoModelForImageClassification.from_pretrained(name)
+            processor = AutoImageProcessor.from_pretrained(name)
+        except Exception as error:  # offline, unknown ids and hub errors surface as many types
+            raise WeightsUnavailableError(
+                f"hf:{name}",
+                unavailable_reason(offline, error),
+                f"could not load the Hugging Face model {name!r} ({error}); the hub needs the "
+                "network, or a local directory saved with save_pretrained()",
+            ) from error
     size = processor.size
     height = size.get("height", size.get("shortest_edge", 224))
     width = size.get("width", size.get("shortest_edge", 224))
@@ -87,7 +209,8 @@ def load_open_clip(
         ImportError: If ``open_clip_torch`` is not installed.
         ValueError: For fewer than two prompts, an unknown architecture, or neither a tag
             nor ``weights``.
-        RuntimeError: If the weights cannot be fetched or read.
+        WeightsUnavailableError: (a ``RuntimeError``) If the tag's weights cannot be fetched.
+        RuntimeError: If the weights file cannot be read.
 
     Example:
         >>> # (skipped: downloads OpenAI's CLIP weights)
@@ -112,12 +235,20 @@ def load_open_clip(
     pretrained = str(weights) if weights is not None else tag or None
     if pretrained is None:
         raise ValueError(f"give a pretrained tag (open_clip:{arch}:TAG) or weights=FILE")
-    try:
-        clip, _, transform = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
-    except Exception as error:  # network, unknown tags and bad files surface as many types
-        raise RuntimeError(
-            f"could not load open_clip {spec!r} with {pretrained!r}: {error}"
-        ) from error
+    downloads = contextlib.nullcontext() if weights is not None else cached_only_when_offline()
+    with downloads as offline, _quiet_root_logger(offline is not None):
+        try:
+            clip, _, transform = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+        except Exception as error:  # network, unknown tags and bad files surface as many types
+            if weights is not None:
+                raise RuntimeError(
+                    f"could not load open_clip {spec!r} with {pretrained!r}: {error}"
+                ) from error
+            raise WeightsUnavailableError(
+                f"open_clip:{spec}",
+                unavailable_reason(offline, error),
+                f"could not load open_clip {spec!r} with {pretrained!r}: {error}",
+            ) from error
     classifier = zero_shot_clip(clip.eval(), open_clip.get_tokenizer(arch), list(prompts))
     visual = clip.visual
     size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2

@@ -8,6 +8,7 @@ import pickle
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -15,6 +16,12 @@ from torch import nn
 
 from .classes import imagenet_class_names, read_class_names
 from .clip import zero_shot_clip  # noqa: F401  (re-exported: models.zero_shot_clip)
+from .hub import (
+    WeightsUnavailableError,
+    cached_only_when_offline,
+    hub_unreachable,
+    unavailable_reason,
+)
 from .paper import (
     PAPER_MODELS,
     PaperModel,
@@ -116,14 +123,17 @@ def load_model(
             ``benchmarks/train_default_model.py`` (weights next to it), a timm model name
             (optionally ``"timm:NAME"``), ``"paper:KEY"`` (one of the paper's seven models,
             :data:`~class_space_saliency.paper.PAPER_MODELS`, see :func:`load_paper_model`),
-            ``"hf:ORG/NAME"`` (a Hugging Face hub image classifier, needs the network) or
-            ``"open_clip:ARCH[:TAG]"`` (a CLIP zero-shot classifier over ``prompts``; the tag's
-            weights need the network, or pass ``weights``).
-        weights: For timm names: a local ``.safetensors``/``.pth`` state dict (or the dict
-            itself), e.g. your own fine-tuned checkpoint; a key prefix of
-            :data:`WRAPPER_PREFIXES` on every key is stripped. Without it, timm's pretrained
-            weights are downloaded (needs the network); a bare name that timm resolves to
-            other weights than the paper's for that architecture warns.
+            ``"hf:ORG/NAME"`` (a Hugging Face hub image classifier, needs the network, or
+            ``"hf:FOLDER"`` saved with ``save_pretrained``), ``"torchvision:NAME"`` (a
+            torchvision classifier, see :func:`load_torchvision`)
+            or ``"open_clip:ARCH[:TAG]"`` (a CLIP zero-shot classifier over ``prompts``; the
+            tag's weights need the network, or pass ``weights``).
+        weights: For timm and torchvision names: a local ``.safetensors``/``.pth`` state dict
+            (or the dict itself), e.g. your own fine-tuned checkpoint; a key prefix of
+            :data:`WRAPPER_PREFIXES` on every key is stripped. Without it, pretrained weights
+            are downloaded (needs the network; offline, cached weights load at once and others
+            fail at once, without the hub's minute of retries); a bare name that timm resolves
+            to other weights than the paper's for that architecture warns.
         device: Where to put the model.
         num_classes: Classes of the head. Default: inferred from ``weights`` (the shape of
             its head), else from ``class_names``, else the model's default (1000 for timm).
@@ -143,8 +153,8 @@ def load_model(
             model the paper did not use, or weights, ``num_classes`` and ``class_names``
             that disagree.
         FileNotFoundError: For a missing weights or class-names file.
-        RuntimeError: If pretrained weights cannot be downloaded (offline) and no
-            ``weights`` file was given.
+        WeightsUnavailableError: (a ``RuntimeError``) If pretrained weights cannot be
+            downloaded (offline) and no ``weights`` file was given.
 
     Example:
         >>> import timm
@@ -183,6 +193,14 @@ def load_model(
         from .hub import load_hf
 
         return load_hf(name_or_path[3:], device)
+    if name_or_path.startswith("torchvision:"):
+        return load_torchvision(
+            name_or_path.removeprefix("torchvision:"),
+            weights,
+            device,
+            num_classes=num_classes,
+            class_names=class_names,
+        )
     if name_or_path in ("default", *EMBEDDED_MODELS) or name_or_path.endswith(".json"):
         model, prep = (
             _load_config(Path(name_or_path), device)
@@ -199,10 +217,7 @@ def load_model(
             f"'paper:KEY' or a timm model name, got {name_or_path!r} (see timm.list_models())"
         )
     if weights is not None:
-        state = _read_state_dict(weights)
-        head = _head_classes(state)
-        _check_class_count(head, num_classes, class_names, f"the checkpoint {_source(weights)}")
-        count = head or num_classes or (len(class_names) if class_names else None)
+        state, count = read_checkpoint(weights, num_classes, class_names)
         model = _timm_model(name, state, count, _source(weights))
     else:
         count = num_classes or (len(class_names) if class_names else None)
@@ -218,6 +233,101 @@ def load_model(
     else:
         prep = _model_preprocessing(model, class_names)
     return model.to(device).eval(), prep
+
+
+def load_torchvision(
+    name: str,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+):
+    """A torchvision classifier and its preprocessing (``load_model("torchvision:NAME")``).
+
+    Args:
+        name: A name of ``torchvision.models.list_models()``, e.g. ``"vit_b_16"`` or
+            ``"resnet50"``.
+        weights: A local state dict (``.pth``/``.safetensors``); the number of classes is
+            read from its head. Without it, torchvision's ``DEFAULT`` weights download
+            (needs the network).
+        device: Where to put the model.
+        num_classes: Classes of the head, where no checkpoint says.
+        class_names: Names of the classes (default: the weights' categories, or ImageNet's
+            for a 1000-class head).
+
+    Returns:
+        ``(model in eval mode, Preprocessing)``: the weights' own transform (resize, centre
+        crop, normalisation), or for a local checkpoint torchvision's ImageNet recipe (resize
+        to ``size / 0.875``, centre crop ``size``, ImageNet mean and std), where ``size`` is
+        the model's ``image_size`` (ViT) or 224.
+
+    Raises:
+        ValueError: For an unknown name or a checkpoint that does not fit.
+        WeightsUnavailableError: (a ``RuntimeError``) If the DEFAULT weights cannot be
+            fetched.
+
+    Example:
+        >>> import torchvision
+        >>> resnet = torchvision.models.resnet18(num_classes=3)  # your fine-tune
+        >>> torch.save(resnet.state_dict(), "resnet3.pth")
+        >>> model, prep = load_torchvision("resnet18", weights="resnet3.pth")
+        >>> model.fc.out_features, prep.input_size, prep.crop_pct
+        (3, (3, 224, 224), 0.875)
+    """
+    import torchvision
+    from torchvision import transforms
+
+    if name not in torchvision.models.list_models():
+        raise ValueError(
+            f"unknown torchvision model {name!r} (see torchvision.models.list_models())"
+        )
+    if weights is not None:
+        state, count = read_checkpoint(weights, num_classes, class_names)
+        options = {} if count is None else {"num_classes": count}
+        model = torchvision.models.get_model(name, weights=None, **options)
+        _load_state(model, state, f"torchvision:{name}", str(weights))
+        size = getattr(model, "image_size", 224)
+        resize, mean, std = int(size / 0.875), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    else:
+        default = torchvision.models.get_model_weights(name).DEFAULT
+        cached = Path(torch.hub.get_dir(), "checkpoints", Path(default.url).name).is_file()
+        offline = None if cached else hub_unreachable(urlparse(default.url).hostname)
+        try:
+            if offline is not None:
+                raise ConnectionError(offline)
+            model = torchvision.models.get_model(name, weights=default)
+        except Exception as error:  # network and hub failures surface as many types
+            reason = unavailable_reason(offline, error)
+            raise WeightsUnavailableError(
+                f"torchvision:{name}",
+                reason,
+                f"could not fetch the weights of torchvision {name!r} ({reason}); "
+                "pass weights=PATH to a local state dict",
+            ) from error
+        preset = default.transforms()
+        size, resize = preset.crop_size[0], preset.resize_size[0]
+        mean, std = tuple(preset.mean), tuple(preset.std)
+        class_names = class_names or default.meta.get("categories")
+    classes = getattr(model, "num_classes", None) or _head_classes(model.state_dict())
+    if class_names is None and classes == 1000:
+        class_names = imagenet_class_names()
+    preprocessing = Preprocessing(
+        mean=mean,
+        std=std,
+        input_size=(3, size, size),
+        class_names=None if class_names is None else tuple(class_names),
+        transform=transforms.Compose(
+            [
+                transforms.Resize(resize, interpolation=transforms.InterpolationMode.BILINEAR),
+                transforms.CenterCrop(size),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        ),
+        crop_pct=size / resize,
+    )
+    return model.to(device).eval(), preprocessing
 
 
 def load_paper_model(
@@ -297,13 +407,17 @@ def _timm_model(
         model = timm.create_model(name, pretrained=False, **options)
         _load_state(model, state, name, source)
         return model
-    try:
-        return timm.create_model(name, pretrained=True, **options)
-    except Exception as error:  # network or hub failures surface as many types
-        raise RuntimeError(
-            f"could not fetch pretrained weights for {name!r} ({error}); "
-            "pass weights=PATH to a local state dict"
-        ) from error
+    with cached_only_when_offline() as offline:
+        try:
+            return timm.create_model(name, pretrained=True, **options)
+        except Exception as error:  # network or hub failures surface as many types
+            reason = unavailable_reason(offline, error)
+            raise WeightsUnavailableError(
+                name,
+                reason,
+                f"could not fetch pretrained weights for {name!r} ({reason}); pass "
+                "weights=PATH to a local state dict",
+            ) from error
 
 
 def _model_preprocessing(model: nn.Module, class_names: Sequence[str] | None) -> Preprocessing:
@@ -336,9 +450,29 @@ def _check_class_count(
         )
 
 
+def read_checkpoint(
+    weights: str | Path | Mapping[str, torch.Tensor],
+    num_classes: int | None,
+    class_names: Sequence[str] | None,
+) -> tuple[dict[str, torch.Tensor], int | None]:
+    """A local state dict and the number of classes its head implies (else ``num_classes``,
+    else the number of ``class_names``, else ``None``).
+
+    Raises:
+        FileNotFoundError: For a missing file.
+        ValueError: Where the head, ``num_classes`` and ``class_names`` disagree.
+    """
+    state = _read_state_dict(weights)
+    head = _head_classes(state)
+    _check_class_count(head, num_classes, class_names, f"the checkpoint {_source(weights)}")
+    return state, head or num_classes or (len(class_names) if class_names else None)
+
+
 def _head_classes(state: dict[str, torch.Tensor]) -> int | None:
-    """Number of classes of a timm checkpoint's head (``head.weight`` / ``head.fc.weight``)."""
-    for key in ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight"):
+    """Number of classes of a checkpoint's head (timm ``head.weight`` / ``head.fc.weight``,
+    torchvision ``fc.weight`` / ``heads.head.weight``)."""
+    heads = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight", "heads.head.weight")
+    for key in heads:
         if key in state and state[key].dim() == 2:
             return int(state[key].shape[0])
     return None
@@ -364,7 +498,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, sou
         if items
     ]
     if problems:
-        raise ValueError(f"weights {source} do not fit timm model {name!r}: {'; '.join(problems)}")
+        raise ValueError(f"weights {source} do not fit the model {name!r}: {'; '.join(problems)}")
     model.load_state_dict(state)
 
 

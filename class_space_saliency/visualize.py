@@ -83,12 +83,18 @@ def normalize_map(saliency: ArrayLike, normalization: str = "auto") -> np.ndarra
     return (values - values.min()) / span if span > 0 else np.zeros_like(values)
 
 
+def colormap_names() -> list[str]:
+    """The OpenCV colormaps by name (``"jet"``, ``"turbo"``, ``"viridis"``, ...), sorted."""
+    return sorted(name[9:].lower() for name in dir(cv2) if name.startswith("COLORMAP_"))
+
+
 def colorize(values01: np.ndarray, colormap: str = "jet") -> np.ndarray:
     """Apply an OpenCV colormap (``"jet"``, ``"turbo"``, ``"viridis"``, ...) -> uint8 RGB."""
     code = getattr(cv2, f"COLORMAP_{colormap.upper()}", None)
     if code is None:
-        known = sorted(n[9:].lower() for n in dir(cv2) if n.startswith("COLORMAP_"))
-        raise ValueError(f"colormap must be an OpenCV colormap name {known}, got {colormap!r}")
+        raise ValueError(
+            f"colormap must be an OpenCV colormap name {colormap_names()}, got {colormap!r}"
+        )
     bgr = cv2.applyColorMap((values01 * 255).round().astype(np.uint8), code)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
@@ -178,16 +184,19 @@ def with_colorbar(
     height = rgb.shape[0]
     low, high, scaling = display_range(saliency, normalization)
     font = max(0.3, min(height / 500, 1.0))
-    text_w = int(80 * font) + 4
+    scale, line = font * 0.5 + 0.05, max(1, round(font * 2))
+    labels = ((f"{high:.3g}", int(14 * font) + 2), (f"{low:.3g}", height - 4),
+              (scaling, height // 2))  # fmt: skip
+    text_w = max(
+        cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, line)[0][0] for text, _ in labels
+    )  # the widest label fits whole
     bar_w = max(8, height // 40)
-    strip = np.full((height, bar_w + text_w + 6, 3), 255, np.uint8)
+    strip = np.full((height, bar_w + text_w + 10, 3), 255, np.uint8)
     ramp = np.linspace(1, 0, height, dtype=np.float32)[:, None].repeat(bar_w, 1)
     strip[:, 3 : 3 + bar_w] = colorize(ramp, colormap)
-    line = max(1, round(font * 2))
-    for text, y in ((f"{high:.3g}", int(14 * font) + 2), (f"{low:.3g}", height - 4),
-                    (scaling, height // 2)):  # fmt: skip
-        cv2.putText(strip, text, (bar_w + 6, y), cv2.FONT_HERSHEY_SIMPLEX, font * 0.5 + 0.05,
-                    (0, 0, 0), line, cv2.LINE_AA)  # fmt: skip
+    for text, y in labels:
+        cv2.putText(strip, text, (bar_w + 6, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), line,
+                    cv2.LINE_AA)  # fmt: skip
     return np.concatenate([rgb, strip], 1)
 
 
@@ -236,15 +245,28 @@ def overlay_figure(
 
     rgb = overlay(image, saliency, colormap, alpha, normalization, box)
     low, high, scaling = display_range(saliency, normalization)
-    figure, ax = plt.subplots(figsize=(5, 5 * rgb.shape[0] / rgb.shape[1] + 0.4))
+    figure = plt.figure(figsize=(5.6, 5 * rgb.shape[0] / rgb.shape[1] + 0.5))
+    ax, bar_ax = _panels_and_bar(figure, 1, 1, bar_width=0.06)
+    ax = ax[0, 0]
     ax.imshow(rgb)
-    ax.set_axis_off()
+    ax.set_xticks([])
+    ax.set_yticks([])
+    figure.supxlabel(SCALING_NOTES[scaling], fontsize=7, x=0.01, ha="left")
     if title:
         ax.set_title(title, fontsize=9)
     mappable = ScalarMappable(Normalize(low, high), _matplotlib_colormap(colormap))
-    figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label="map value")
-    figure.text(0.01, 0.01, SCALING_NOTES[scaling], fontsize=7)
+    figure.colorbar(mappable, cax=bar_ax, label="map value")
+    figure.tight_layout()
     return figure
+
+
+def _panels_and_bar(figure, rows: int, cols: int, bar_width: float):
+    """A ``rows`` x ``cols`` grid of axes and a colour-bar axes beside them (``bar_width``
+    of a panel's width), all in one grid spec, so that the layout (``tight_layout``) makes
+    room for the bar's tick labels instead of pushing them off the figure."""
+    spec = figure.add_gridspec(rows, cols + 1, width_ratios=[1] * cols + [bar_width])
+    axes = np.array([[figure.add_subplot(spec[r, c]) for c in range(cols)] for r in range(rows)])
+    return axes, figure.add_subplot(spec[:, -1])
 
 
 def saliency_grid(
@@ -255,6 +277,8 @@ def saliency_grid(
     alpha: float = 0.5,
     normalization: str = "auto",
     cell_size: float = 1.6,
+    boxes: Sequence[Sequence[float] | None] | None = None,
+    caption: str | None = None,
 ):
     """A figure with one row per image: the original, then one overlay per column.
 
@@ -265,26 +289,37 @@ def saliency_grid(
     Args:
         images: Images (see :func:`image_to_uint8`), one per row.
         columns: ``{title: maps}`` where maps is (B, 1, h, w) or (B, h, w) with B rows.
-        row_titles: Optional label of each row (e.g. "Coat (pred Coat)").
+        row_titles: Optional label of each row, e.g. ``"label Coat, pred Shirt ✗"``; say
+            in ``caption`` whether the maps explain the label or the prediction.
         colormap, alpha, normalization: As for :func:`overlay`.
         cell_size: Inches per panel.
+        boxes: Per row, the region of the image that the model saw (see :func:`overlay`),
+            or ``None`` for the whole image.
+        caption: A line below the grid (before the scaling note), e.g. which class the maps
+            explain.
 
     Returns:
         A matplotlib ``Figure`` (shown inline in Jupyter).
+
+    Example:
+        >>> figure = saliency_grid(torch.rand(3, 3, 32, 32), {"random": maps},
+        ...                        ["label 0, pred 0"] * 3, caption="maps explain the label")
+        >>> len(figure.axes)  # 3 rows x (image + 1 map), and the colour bar
+        7
     """
     import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     rows, cols = len(images), 1 + len(columns)
-    figure, axes = plt.subplots(
-        rows, cols, figsize=(cell_size * cols + 0.8, cell_size * rows + 0.3), squeeze=False
-    )
+    figure = plt.figure(figsize=(cell_size * cols + 0.9, cell_size * rows + 0.5))
+    axes, bar_ax = _panels_and_bar(figure, rows, cols, bar_width=0.15)
     for r, image in enumerate(images):
+        box = None if boxes is None else boxes[r]
         axes[r, 0].imshow(image_to_uint8(image))
         axes[r, 0].set_ylabel(row_titles[r] if row_titles else "", fontsize=7)
         for c, (title, maps) in enumerate(columns.items(), start=1):
-            axes[r, c].imshow(overlay(image, maps[r], colormap, alpha, normalization))
+            axes[r, c].imshow(overlay(image, maps[r], colormap, alpha, normalization, box))
             if display_range(maps[r], normalization)[2] == "symmetric":
                 axes[r, c].text(0.03, 0.97, "±", transform=axes[r, c].transAxes, fontsize=8,
                                 va="top", color="white")  # fmt: skip
@@ -295,18 +330,17 @@ def saliency_grid(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    figure.tight_layout(rect=(0, 0.04, 1, 1))
     bar = figure.colorbar(
-        ScalarMappable(Normalize(0, 1), _matplotlib_colormap(colormap)),
-        ax=axes, fraction=0.02, pad=0.01, ticks=[0, 0.5, 1],
+        ScalarMappable(Normalize(0, 1), _matplotlib_colormap(colormap)), cax=bar_ax,
+        ticks=[0, 0.5, 1],
     )  # fmt: skip
     bar.ax.set_yticklabels(["low", "mid", "high"], fontsize=7)
-    figure.text(
-        0.01, 0.005,
+    note = (
         f"each panel scaled on its own ({normalization}): min to max, or symmetric around 0 "
-        "where marked ±",
-        fontsize=6,
-    )  # fmt: skip
+        "where marked ±"
+    )
+    figure.supxlabel(f"{caption}\n{note}" if caption else note, fontsize=6, x=0.01, ha="left")
+    figure.tight_layout()
     return figure
 
 

@@ -298,7 +298,7 @@ LAYERS = {
     "testing": 3,
     "reproduce": 3,
 }
-TOP = {"cli", "__main__", "interop", "__init__", "evaluation.cli", "analysis.cli"}
+TOP = {"cli", "_cli_common", "__main__", "interop", "__init__", "evaluation.cli", "analysis.cli"}
 
 
 def layer_of(module: str) -> int:

@@ -9,24 +9,26 @@ from pathlib import Path
 
 import torch
 
+from .._cli_common import (
+    BENCHMARK_METHODS,
+    add_benchmark_parser,
+    add_prompts_argument,
+    weights_unavailable_line,
+)
+from ..hub import WeightsUnavailableError
 from .datasets import ImageFolderDataset, as_dataset, balanced_order, match_class_folders
-from .protocols import PRESETS
 from .runner import run_benchmark
 
-DEFAULT_METHODS = ("class_space", "gradcam", "rollout", "chefer", "random", "sobel", "intensity")
+DEFAULT_METHODS = BENCHMARK_METHODS
 """The default selection of ``--methods`` (any of ``list_methods()`` may be chosen): the paper's
 map, the field's three strongest simple baselines and the three controls."""
 
-
-def add_prompts_argument(parser: argparse.ArgumentParser) -> None:
-    """``--prompts TEXT ...``: the classes of an ``open_clip:`` model."""
-    parser.add_argument(
-        "--prompts",
-        nargs="+",
-        default=None,
-        metavar="TEXT",
-        help="for --model open_clip:ARCH[:TAG]: the text prompts that are the classes",
-    )
+__all__ = [
+    "DEFAULT_METHODS",
+    "add_benchmark_command",
+    "add_prompts_argument",
+    "run_benchmark_command",
+]
 
 
 def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -48,74 +50,7 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
         wrote runs/a/report.md, runs/a/report.csv, runs/a/curves_chefer2021.png
         0
     """
-    from ..cli import HelpFormatter
-    from ..methods import list_methods
-
-    names = sorted(list_methods())
-
-    parser = subparsers.add_parser(
-        "benchmark",
-        help="faithfulness benchmark (perturbation curves, AUCs, report)",
-        formatter_class=HelpFormatter,
-        description=(
-            "Run saliency methods through perturbation protocols and write records "
-            "(resumable JSONL) and a report (Markdown, CSV, PNG) to --out. Rerun the same "
-            "command to resume; a run can grow in its folder (more --num-images, --methods, "
-            "--protocols). Class folders of --data are matched to the model's class names."
-        ),
-        epilog=(
-            "examples:\n"
-            "  class-space-saliency benchmark --num-images 200 --methods class_space chefer "
-            "random --out runs/a\n"
-            "  torchrun --nproc_per_node 2 -m class_space_saliency benchmark --data val/ "
-            "--model vit_base_patch16_224 --weights b16.pth --out runs/b16"
-        ),
-    )
-    parser.add_argument("--model", default="default", help="model name or path")
-    parser.add_argument("--weights", default=None, help="weights file for the model")
-    add_prompts_argument(parser)
-    parser.add_argument(
-        "--class-names", default=None, metavar="FILE", help="class names, one per line"
-    )
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=list(DEFAULT_METHODS),
-        choices=names,
-        metavar="METHOD",
-        help=f"any of {', '.join(names)}",
-    )
-    parser.add_argument(
-        "--protocols",
-        nargs="+",
-        default=list(PRESETS),
-        help="presets (chefer2021 rise2018 vilas2023 road2022) or curves such as rise2018/deletion",
-    )
-    parser.add_argument(
-        "--num-images",
-        type=int,
-        default=1000,
-        help="images to evaluate: a class-balanced sample drawn with --seed",
-    )
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="ImageFolder root (default: the embedded evaluation set of an embedded model; "
-        "required for any other model)",
-    )
-    parser.add_argument(
-        "--labels-by-index",
-        action="store_true",
-        help="number --data class folders in sorted order instead of matching class names",
-    )
-    parser.add_argument("--out", default="benchmark_results", help="run folder (resumable)")
-    parser.add_argument("--max-batch-size", type=int, default=256, help="inputs per forward")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the sample, the random method, the bootstrap"
-    )
-    parser.set_defaults(func=run_benchmark_command)
-    return parser
+    return add_benchmark_parser(subparsers, run_benchmark_command)
 
 
 def run_benchmark_command(args: argparse.Namespace) -> int:
@@ -178,6 +113,9 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
             method_kwargs={"random": {"seed": args.seed}} if "random" in args.methods else None,
             model_name=args.model if args.weights is None else f"{args.model}:{args.weights}",
         )
+    except WeightsUnavailableError as error:
+        print(f"error: {weights_unavailable_line(args.model, error.reason)}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -2,13 +2,13 @@
 
 A faithful method must beat them; they validate inputs like every method (the model's
 anatomy gives the patch grid and the number of classes) but never run the model. They work
-on any image classifier: models that no adapter supports (a CNN, ...) name the grid and the
-classes, ``SobelSaliency(cnn, patch_size=8, num_classes=10)``.
+on any image classifier: models that no adapter supports (a CNN, ...) name the grid,
+``SobelSaliency(cnn, patch_size=8)``, and the classes where the model does not declare them
+(timm and torchvision models do: ``num_classes``, a linear ``fc`` / ``classifier`` / ``head``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +17,8 @@ from torch import nn
 
 from .._seeding import image_generator
 from ..adapters import UnsupportedModelError
-from ..adapters.base import pair
-from ..anatomy import ViTAnatomy, patch_grid
+from ..anatomy import ViTAnatomy
+from ._any_model import ImageGrid
 from .base import ANATOMY_ARGUMENTS, MethodOptions, SaliencyMethod
 from .registry import register_method
 
@@ -42,38 +42,20 @@ def pool_to_grid(
     return F.avg_pool2d(values, (ph, pw))
 
 
-@dataclass(frozen=True)
-class ImageGrid:
-    """The patch grid of any image classifier, for the controls (no ViT anatomy needed).
-
-    Attributes:
-        patch_size: (ph, pw): pixels per map cell.
-        num_classes: Classes of the model (for target validation).
-        in_chans: Input channels, where known.
-    """
-
-    patch_size: tuple[int, int]
-    num_classes: int
-    in_chans: int | None = None
-
-    def grid_size(self, input_size: Sequence[int]) -> tuple[int, int]:
-        """Map grid (h, w) of an input of spatial size (H, W) (floor division)."""
-        return patch_grid(input_size, self.patch_size)
-
-
 class ControlSaliency(SaliencyMethod):
     """Base of the controls: a supported model's anatomy, or any model with a named grid.
 
     Args:
         model: Any image classifier.
-        *args, **kwargs: The control's options, ``class_names``, ``num_classes`` (classes
-            of a model that no adapter supports, with ``patch_size``), ``patch_size`` (int
-            or (ph, pw)) and, for supported models, parts of a custom ViT (see
-            ``ViTAnatomy.from_model``).
+        *args, **kwargs: The control's options, ``class_names``, ``patch_size`` (int or
+            (ph, pw); needed for a model that no adapter supports), ``num_classes`` (for such
+            a model where it does not declare them, see
+            :func:`~._any_model.declared_num_classes`) and, for supported models, parts of a
+            custom ViT (see ``ViTAnatomy.from_model``).
 
     Raises:
-        UnsupportedModelError: For an unsupported model without ``patch_size`` and
-            ``num_classes``.
+        UnsupportedModelError: For an unsupported model without ``patch_size``.
+        ValueError: For such a model that declares no classes, without ``num_classes``.
     """
 
     model_arguments = (*ANATOMY_ARGUMENTS, "num_classes")
@@ -85,14 +67,12 @@ class ControlSaliency(SaliencyMethod):
             return super()._build_anatomy(model, **parts)
         except UnsupportedModelError as error:
             patch_size = parts.get("patch_size")
-            if patch_size is None or num_classes is None:
+            if patch_size is None:
                 raise UnsupportedModelError(
                     f"{error}. The controls work on any image classifier: pass patch_size= "
-                    "(pixels per map cell) and num_classes="
+                    "(pixels per map cell), and num_classes= where the model does not declare it"
                 ) from error
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        return ImageGrid(pair(patch_size), num_classes)
+        return ImageGrid.from_model(model, patch_size, num_classes)
 
 
 @dataclass(frozen=True)

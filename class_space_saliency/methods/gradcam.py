@@ -1,4 +1,5 @@
-"""Grad-CAM (Selvaraju et al. 2017) on ViT tokens, computed by Captum's ``LayerGradCam``."""
+"""Grad-CAM (Selvaraju et al. 2017) on ViT tokens, or on the feature maps of any image
+classifier given a layer, computed by Captum's ``LayerGradCam``."""
 
 from __future__ import annotations
 
@@ -13,8 +14,15 @@ from torch import nn
 from .._hooks import forward_hook
 from .._validation import check_bool
 from ..adapters import UnsupportedModelError
-from .base import MethodOptions, SaliencyMethod, tokens_to_grid
+from ..anatomy import ViTAnatomy
+from ._any_model import ImageGrid
+from .base import ANATOMY_ARGUMENTS, MethodOptions, SaliencyMethod, tokens_to_grid
 from .registry import register_method
+
+_ANY_MODEL = (
+    "Grad-CAM works on any image classifier given a layer: pass layer=<module>, e.g. "
+    "model.layer4 of a ResNet"
+)
 
 
 class _TokenGrid(nn.Module):
@@ -47,7 +55,8 @@ class GradCAMOptions(MethodOptions):
             previous block; default ``-1``, the last block's, as pytorch-grad-cam
             recommends: the last block's output only reaches the head through [CLS]) or any
             submodule of the model whose output is the tokens (B, N, D) or a channels-last
-            grid (B, h, w, D); the module once resolved.
+            grid (B, h, w, D); the module once resolved. Models that no adapter supports (a
+            CNN, ...) need the module, whose output is a feature map (B, C, h, w).
         relu: Keep only positive evidence (the original Grad-CAM); ``False`` keeps the sign.
     """
 
@@ -73,10 +82,16 @@ class GradCAM(SaliencyMethod):
     re-enters the forward pass and ``torch.autograd.grad`` is taken w.r.t. the re-attached
     grid, so nothing before the layer is differentiated and no ``.grad`` is written.
 
+    On a model that no adapter supports (a CNN, ...) it is the classic Grad-CAM of the
+    module passed as ``layer``, as Captum's ``LayerGradCam`` and pytorch-grad-cam compute it;
+    the map has that layer's resolution.
+
     Args:
-        model: A supported model (ViT or Swin).
-        *args, **kwargs: :class:`GradCAMOptions` (``layer``, ``relu``), ``class_names`` and
-            parts of a custom model (see ``ViTAnatomy.from_model``).
+        model: A supported model (ViT or Swin), or any image classifier with ``layer`` a
+            module of it.
+        *args, **kwargs: :class:`GradCAMOptions` (``layer``, ``relu``), ``class_names``,
+            ``num_classes`` (for a model that no adapter supports and that does not declare
+            its classes) and parts of a custom model (see ``ViTAnatomy.from_model``).
 
     Example:
         >>> import timm, torch
@@ -85,12 +100,33 @@ class GradCAM(SaliencyMethod):
         >>> GradCAM(model).attribute(torch.randn(2, 3, 32, 32), target=1).shape
         torch.Size([2, 1, 4, 4])
         >>> signed = GradCAM(model, layer=model.blocks[0].norm1, relu=False)
+        >>> import torchvision
+        >>> cnn = torchvision.models.resnet18(num_classes=4).eval()
+        >>> GradCAM(cnn, layer=cnn.layer4).attribute(torch.randn(1, 3, 64, 64), 2).shape
+        torch.Size([1, 1, 2, 2])
     """
 
     Options = GradCAMOptions
+    model_arguments = (*ANATOMY_ARGUMENTS, "num_classes")
+
+    def _build_anatomy(
+        self, model: nn.Module, num_classes: int | None = None, **parts
+    ) -> ViTAnatomy | ImageGrid:
+        try:
+            return super()._build_anatomy(model, **parts)
+        except UnsupportedModelError as error:
+            self._not_a_vit = str(error)
+        try:  # any image classifier: the map has the chosen layer's resolution
+            return ImageGrid.from_model(model, 1, num_classes)
+        except ValueError as error:
+            raise UnsupportedModelError(
+                f"{self._not_a_vit}. {_ANY_MODEL}, and num_classes= ({error})"
+            ) from None
 
     def _resolve_options(self, options: GradCAMOptions) -> GradCAMOptions:
         layer = options.layer
+        if isinstance(self.anatomy, ImageGrid) and not isinstance(layer, nn.Module):
+            raise UnsupportedModelError(f"{self._not_a_vit}. {_ANY_MODEL}")
         if isinstance(layer, nn.Module):
             if not any(module is layer for module in self.anatomy.modules):
                 raise ValueError(
@@ -114,15 +150,22 @@ class GradCAM(SaliencyMethod):
         grid: tuple[int, int],
         options: GradCAMOptions,
     ) -> torch.Tensor:
+        tokens_in = isinstance(self.anatomy, ViTAnatomy)
+        channels_last = tokens_in and self.anatomy.channels_last
         view = _TokenGrid()
 
         def as_grid(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            grid_out = self.anatomy.channels_last and getattr(output, "ndim", 0) == 4
-            if not isinstance(output, torch.Tensor) or (output.dim() != 3 and not grid_out):
+            dims = output.dim() if isinstance(output, torch.Tensor) else 0
+            shape = f"{type(output).__name__} {tuple(getattr(output, 'shape', ()))}"
+            if not tokens_in:  # any classifier: a feature map; the gradient stops here
+                if dims != 4:
+                    raise TypeError(f"GradCAM's layer must output (B, C, h, w), got {shape}")
+                return view(output.detach())
+            grid_out = channels_last and dims == 4
+            if dims != 3 and not grid_out:
                 raise TypeError(
-                    f"GradCAM's layer must output tokens (B, N, D) (or, for Swin, a "
-                    f"channels-last grid (B, h, w, D)), got {type(output).__name__} "
-                    f"{tuple(getattr(output, 'shape', ()))}"
+                    "GradCAM's layer must output tokens (B, N, D) (or, for Swin, a "
+                    f"channels-last grid (B, h, w, D)), got {shape}"
                 )
             if grid_out:  # timm Swin: (B, h, w, D) is already the grid; the gradient stops here
                 return view(output.detach().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
