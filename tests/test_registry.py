@@ -352,3 +352,19 @@ def test_all_hooks_live_in_one_module():
         and re.search(r"register_forward(_pre)?_hook\(", path.read_text())
     )
     assert hooking == ["_hooks.py"]
+
+
+def test_no_two_modules_import_each_other():
+    # imports flow one way (cli -> analysis/evaluation -> methods -> core); a pair of modules
+    # that import each other, even only for type checking or inside a function, ties them
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        modules[module.removesuffix(".__init__")] = imported_modules(path)
+    pairs = sorted(
+        (first, second)
+        for first, imports in modules.items()
+        for second in imports
+        if first < second and first in modules.get(second, set())
+    )
+    assert pairs == []
