@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 Reduce = Callable[[str, int, torch.Tensor], torch.Tensor]
 """``f(component, block, tokens) -> tensor``, applied inside a token hook."""
 
+BLOCK_INPUT = "block_input"
+"""Capture site of the residual stream entering a block (for block 0: the embedded tokens),
+recorded by a forward pre-hook on the block."""
+
 
 @dataclass
 class Capture:
@@ -58,7 +62,8 @@ def capture(
 
     Args:
         anatomy: The model's anatomy (which modules to hook).
-        components: ``(component, block)`` pairs to record.
+        components: ``(component, block)`` pairs to record; ``component`` is one of
+            :data:`~class_space_saliency.anatomy.COMPONENTS` or :data:`BLOCK_INPUT`.
         attention: Blocks whose post-softmax attention probabilities to record.
         reduce: Optional ``f(component, block, tokens) -> tensor`` applied inside the
             hook so that only its (smaller) result is kept.
@@ -77,6 +82,13 @@ def capture(
         for component, block in components:
             if type(block) is not int or not 0 <= block < anatomy.depth:
                 block = anatomy.resolve_layers(block)[0]
+            if component == BLOCK_INPUT:
+                handles.append(
+                    anatomy.blocks[block].register_forward_pre_hook(
+                        _input_hook(result, block, reduce), with_kwargs=True
+                    )
+                )
+                continue
             scales = (anatomy.layer_scales or {}).get(component)
             scale = None if scales is None else scales[block]
             handles.append(
@@ -128,6 +140,24 @@ def forward_hook(
         handle.remove()
 
 
+def _store(
+    result: Capture,
+    component: str,
+    block: int,
+    tokens: torch.Tensor,
+    reduce: Reduce | None,
+    scale: torch.Tensor | None = None,
+) -> None:
+    """Record token states as (B, N, D) (after layer scale), or their ``reduce``-d form."""
+    if tokens.dim() == 4:  # channels-last grids (timm Swin) -> (B, h*w, C)
+        tokens = tokens.flatten(1, 2)
+    if scale is not None:
+        tokens = tokens * scale
+    result.tokens[(component, block)] = (
+        tokens if reduce is None else reduce(component, block, tokens)
+    )
+
+
 def _token_hook(
     result: Capture,
     component: str,
@@ -137,13 +167,18 @@ def _token_hook(
 ) -> Callable:
     def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
         tokens = output[0] if isinstance(output, tuple) else output
-        if tokens.dim() == 4:  # channels-last grids (timm Swin) -> (B, h*w, C)
-            tokens = tokens.flatten(1, 2)
-        if scale is not None:
-            tokens = tokens * scale
-        result.tokens[(component, block)] = (
-            tokens if reduce is None else reduce(component, block, tokens)
-        )
+        _store(result, component, block, tokens, reduce, scale)
+
+    return hook
+
+
+def _input_hook(result: Capture, block: int, reduce: Reduce | None) -> Callable:
+    """Pre-hook recording a block's input: its first positional argument, else the first
+    tensor passed by keyword (``hidden_states=`` in Hugging Face encoders)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+        _store(result, BLOCK_INPUT, block, tokens, reduce)
 
     return hook
 

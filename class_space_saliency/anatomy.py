@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import _hooks
-from ._hooks import Capture
+from ._hooks import BLOCK_INPUT, Capture
 from .adapters import (
     NormThenHeads,
     Readout,
@@ -33,6 +33,10 @@ from .adapters.base import block_branches, pair
 
 COMPONENTS = ("residual", "attention", "mlp")
 """Token states that can be captured per block: block output, attention branch, MLP branch."""
+
+CAPTURE_SITES = (*COMPONENTS, BLOCK_INPUT)
+"""What :meth:`ViTAnatomy.capture` records per block: the components and the block's input
+(``"block_input"``, the stream before the block; for block 0 the embedded tokens)."""
 
 ATTENTION_KINDS = ("timm", "mha", "hf")
 """How attention probabilities are read: timm ``attn_drop`` input (fused attention off),
@@ -316,17 +320,20 @@ class ViTAnatomy:
         ``training`` and attention flag is restored.
 
         Args:
-            components: ``(component, block)`` pairs to record.
+            components: ``(site, block)`` pairs to record; a site is one of
+                :data:`CAPTURE_SITES`: a component (block output, attention or MLP branch
+                after layer scale) or ``"block_input"`` (the stream entering the block).
             attention: Blocks whose post-softmax attention probabilities to record.
-            reduce: Optional ``f(component, block, tokens) -> tensor`` applied inside the
-                hook so that only its (smaller) result is kept.
+            reduce: Optional ``f(site, block, tokens) -> tensor`` applied inside the
+                hook so that only its (smaller) result is kept. Hooks fire in forward
+                order: a block's input, its attention branch, its MLP branch, its output.
 
         Yields:
             A :class:`Capture`, filled by the forward pass run inside the context.
 
         Example:
             >>> anatomy = ViTAnatomy.from_model(model)
-            >>> with anatomy.capture([("residual", -1)]) as cap:
+            >>> with anatomy.capture([("residual", -1), ("block_input", 0)]) as cap:
             ...     cap.output = model(images)
             >>> cap.tokens[("residual", anatomy.depth - 1)].shape  # (B, N, D)
             torch.Size([3, 17, 32])
