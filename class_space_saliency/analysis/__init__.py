@@ -13,7 +13,7 @@ Example:
 """
 
 from ._result import AnalysisResult
-from ._stream import Batch, RankHistogram, stream
+from ._stream import Batch, RankDifferenceHistogram, RankHistogram, stream
 from .identifiability import (
     Identifiability,
     IdentifiabilityResult,
@@ -26,6 +26,7 @@ __all__ = [
     "Batch",
     "Identifiability",
     "IdentifiabilityResult",
+    "RankDifferenceHistogram",
     "RankHistogram",
     "class_identifiability",
     "identifiability",

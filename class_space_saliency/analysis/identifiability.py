@@ -22,13 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._stats import signed_rank_test
 from .._validation import check_choice
 from ..adapters import UnsupportedModelError
 from ..anatomy import COMPONENTS, ViTAnatomy
 from ..projection import target_class_column
 from ._result import AnalysisResult, format_p_value, json_safe, markdown_table
-from ._stream import Data, RankHistogram, stream
+from ._stream import Data, RankDifferenceHistogram, RankHistogram, stream
 
 TOKEN_GROUPS = ("cls", "image")
 """Token groups reported: the [CLS] token the head reads, and the image tokens."""
@@ -396,10 +395,8 @@ def identifiability(
     if baseline is not None:
         models.append(_matching_baseline(anatomy, _as_anatomy(baseline, "baseline")))
     counts = [_Counts(components, groups, len(layers), num_classes) for _ in models]
-    # paired differences (baseline position - model position) shifted by C - 1 to index 0
     differences = {
-        key: torch.zeros(len(layers), 2 * num_classes - 1, dtype=torch.int64)
-        for key in counts[0].histograms
+        key: RankDifferenceHistogram(len(layers), num_classes) for key in counts[0].histograms
     }
     seen = 0
     for batch in stream(
@@ -413,9 +410,9 @@ def identifiability(
         if baseline is not None:
             for component, group in differences:
                 pick = (lambda p: p[:, :, cls]) if group == "cls" else (lambda p: p[:, :, prefix:])
-                shift = pick(found[1][component]) - pick(found[0][component]) + num_classes - 1
-                flat = shift.reshape(len(layers), -1).cpu()
-                differences[(component, group)].scatter_add_(1, flat, torch.ones_like(flat))
+                differences[(component, group)].add(
+                    pick(found[0][component]), pick(found[1][component])
+                )
         seen += batch.images.shape[0]
 
     def result(accumulated: _Counts) -> IdentifiabilityResult:
@@ -432,12 +429,7 @@ def identifiability(
     main = result(counts[0])
     if baseline is not None:
         main.baseline = result(counts[1])
-        main.p_values = {
-            key: torch.tensor(
-                [signed_rank_test(row.numpy(), "greater")[1] for row in table], dtype=torch.float64
-            )
-            for key, table in differences.items()
-        }
+        main.p_values = {key: table.p_values("greater") for key, table in differences.items()}
     return main
 
 
