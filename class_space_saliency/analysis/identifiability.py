@@ -26,7 +26,7 @@ from .._validation import check_choice
 from ..adapters import UnsupportedModelError
 from ..anatomy import COMPONENTS, ViTAnatomy
 from ..projection import target_class_column
-from ._result import AnalysisResult, format_p_value, json_safe, markdown_table
+from ._result import AnalysisResult, draw_rank_boxes, format_p_value, json_safe, markdown_table
 from ._stream import Data, RankDifferenceHistogram, RankHistogram, stream
 
 TOKEN_GROUPS = ("cls", "image")
@@ -252,21 +252,8 @@ class IdentifiabilityResult(AnalysisResult):
             axes = np.atleast_1d(ax)
         colours = {"cls": "tab:green", "image": "tab:orange"}
         for axis, component in zip(axes, components, strict=False):
-            offsets = np.linspace(-0.2, 0.2, len(self.groups)) if len(self.groups) > 1 else [0]
-            for offset, group in zip(offsets, self.groups, strict=True):
-                histogram = self.histograms[(component, group)]
-                q = histogram.quantiles([0.05, 0.25, 0.5, 0.75, 0.95]).numpy()
-                stats = [
-                    dict(whislo=a, q1=b, med=c, q3=d, whishi=e, fliers=[]) for a, b, c, d, e in q
-                ]
-                positions = np.arange(len(self.layers)) + offset
-                boxes = axis.bxp(
-                    stats, positions=positions, widths=0.35, patch_artist=True, showfliers=False
-                )
-                for box in boxes["boxes"]:
-                    box.set_facecolor(colours[group])
-                axis.plot(positions, histogram.mean_rank().numpy(), "k.", ms=4)
-                axis.plot([], [], "s", color=colours[group], label=f"{group} tokens")
+            histograms = {g: self.histograms[(component, g)] for g in self.groups}
+            draw_rank_boxes(axis, histograms, colours)
             if self.p_values:
                 significant = np.all(
                     [self.p_values[(component, g)].numpy() < 0.05 for g in self.groups], axis=0
