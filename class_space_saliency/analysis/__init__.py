@@ -20,15 +20,29 @@ from .identifiability import (
     class_identifiability,
     identifiability,
 )
+from .sublayers import (
+    LogitIncrementResult,
+    ResidualCompositionResult,
+    SublayerChangesResult,
+    logit_increment,
+    residual_composition,
+    sublayer_changes,
+)
 
 __all__ = [
     "AnalysisResult",
     "Batch",
     "Identifiability",
     "IdentifiabilityResult",
+    "LogitIncrementResult",
     "RankDifferenceHistogram",
     "RankHistogram",
+    "ResidualCompositionResult",
+    "SublayerChangesResult",
     "class_identifiability",
     "identifiability",
+    "logit_increment",
+    "residual_composition",
     "stream",
+    "sublayer_changes",
 ]
