@@ -235,6 +235,7 @@ def test_analyses_leave_a_training_model_unchanged(tiny_vit):
     model = copy.deepcopy(tiny_vit("plain")).train()
     before = testing.model_state(model)
     images, labels = data(n=4)
+    masks = testing.box_masks(images)
     with torch.no_grad():
         reference = model.eval()(images)
     model.train()
@@ -242,6 +243,8 @@ def test_analyses_leave_a_training_model_unchanged(tiny_vit):
         lambda: analysis.logit_increment(model, (images, labels), baseline=tiny_vit("plain")),
         lambda: analysis.sublayer_changes(model, (images, labels)),
         lambda: analysis.residual_composition(model, (images, labels)),
+        lambda: analysis.context_identifiability(model, (images, labels, masks)),
+        lambda: analysis.context_removal(model, (images, labels, masks)),
     ):
         run()
         testing.assert_state_unchanged(model, before)

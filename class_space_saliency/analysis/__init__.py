@@ -14,6 +14,13 @@ Example:
 
 from ._result import AnalysisResult
 from ._stream import Batch, RankDifferenceHistogram, RankHistogram, stream
+from .context import (
+    ContextIdentifiabilityResult,
+    ContextRemovalResult,
+    RemovalOutcome,
+    context_identifiability,
+    context_removal,
+)
 from .identifiability import (
     Identifiability,
     IdentifiabilityResult,
@@ -32,14 +39,19 @@ from .sublayers import (
 __all__ = [
     "AnalysisResult",
     "Batch",
+    "ContextIdentifiabilityResult",
+    "ContextRemovalResult",
     "Identifiability",
     "IdentifiabilityResult",
     "LogitIncrementResult",
     "RankDifferenceHistogram",
     "RankHistogram",
+    "RemovalOutcome",
     "ResidualCompositionResult",
     "SublayerChangesResult",
     "class_identifiability",
+    "context_identifiability",
+    "context_removal",
     "identifiability",
     "logit_increment",
     "residual_composition",
