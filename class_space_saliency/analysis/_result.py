@@ -128,7 +128,8 @@ def draw_rank_boxes(
 ) -> None:
     """Box plots of the normalised rank per block, one box per histogram side by side.
 
-    Boxes span the quartiles, whiskers the 5th and 95th percentiles, black dots are the means;
+    Boxes span the quartiles, whiskers the 5th and 95th percentiles; black lines are the
+    medians, black dots the means;
     block ``i`` is drawn at x = ``i``. Each histogram gets a legend entry ``"{key} tokens"``.
 
     Args:
@@ -145,7 +146,12 @@ def draw_rank_boxes(
         ]
         positions = np.arange(len(quantiles)) + offset
         boxes = axis.bxp(
-            stats, positions=positions, widths=0.35, patch_artist=True, showfliers=False
+            stats,
+            positions=positions,
+            widths=0.35,
+            patch_artist=True,
+            showfliers=False,
+            medianprops=dict(color="black"),
         )
         for box in boxes["boxes"]:
             box.set_facecolor(colours[label])
