@@ -230,6 +230,22 @@ def test_context_removal_matches_hand_computation(tiny_vit, family):
     assert result["context"].kept == "object" and result["object"].kept == "context"
 
 
+@pytest.mark.parametrize("source", ["torchvision", "hf"])
+def test_removing_no_token_changes_nothing_in_other_families(tiny_vit, tiny_hf_vit, source):
+    model = tiny_vit("torchvision") if source == "torchvision" else tiny_hf_vit("vit")
+    images, labels, masks = data(n=4)
+    masks[:] = False  # no object: removing the object tokens removes nothing
+    masks[0, :, :8, :8] = True  # except one token of image 0
+    result = analysis.context_removal(model, (images, labels, masks), remove="object")
+    assert set(result["object"].removed_histogram.total().tolist()) == {4 * 16 - 1}  # one gone
+    # images 1-3 keep every token: the shortened run is the unperturbed one
+    single = analysis.context_removal(model, (images[1:], labels[1:], masks[1:]), remove="object")
+    same = single["object"]
+    assert torch.equal(same.removed_histogram.counts, same.unperturbed_histogram.counts)
+    assert torch.isnan(same.p_values).all()
+    assert same.accuracy_removed == same.accuracy_unperturbed
+
+
 def test_streaming_equals_one_batch(tiny_vit):
     model = tiny_vit("plain")
     images, labels, masks = data(n=7)

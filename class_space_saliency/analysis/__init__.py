@@ -5,6 +5,13 @@ tuple, a dataset or any iterable of such batches, e.g. a ``DataLoader``; see
 :mod:`._stream`), accumulates batch by batch in bounded memory, and returns a result with
 ``to_dict()`` (JSON-safe), ``table()`` (markdown) and ``plot()`` (matplotlib).
 
+- :func:`identifiability`: the label's rank per block, component and token group.
+- :func:`logit_increment`, :func:`sublayer_changes`, :func:`residual_composition`
+  (:mod:`.sublayers`): how each block and its attention and MLP sublayers move the label's
+  logit and the top-1 class.
+- :func:`context_identifiability`, :func:`context_removal` (:mod:`.context`, with object
+  masks): object vs context tokens, and what remains when either is removed.
+
 Example:
     >>> from class_space_saliency import analysis
     >>> result = analysis.identifiability(model, (images, labels), components="residual")
