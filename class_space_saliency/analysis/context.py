@@ -1,4 +1,4 @@
-"""Object and context tokens (Vilas et al. 2023, Sec. 4.2; official ``get_ident_segmented`` and
+"""Object and context tokens (Vilas et al. 2023; official ``get_ident_segmented`` and
 ``compute_context_diff`` in ``identifiability.py`` and ``plots/mech_interp.py``,
 ``perturbation/tokens_perturbation.py``, ``plots/class_ident.py: print_context_perturb``).
 

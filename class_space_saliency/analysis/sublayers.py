@@ -1,17 +1,18 @@
-"""How blocks and their sublayers build the label's logit (Vilas et al. 2023, Secs. 4-5).
+"""How blocks and their sublayers build the label's logit (Vilas et al. 2023).
 
 Every token state is read in class space, ``head(norm(h))`` (the official code calls these
 logits "probs"; they are logits, not probabilities); see :mod:`._states` for the states of a
 block ``x -> m = x + attention(x) -> y = m + mlp(m)``.
 
-- :func:`logit_increment` (official ``get_ident_change_rate``, paper Fig. 3): per block, the
-  share of tokens whose label logit is larger at the block's output ``y`` than at its input
-  ``x``.
-- :func:`sublayer_changes` (official ``compute_class_similarity_change``, Fig. 4 left, the
-  "class similarity change rate"): per block, the share of tokens whose label logit is larger
-  when projecting a sublayer's output alone (the attention branch, the MLP branch) than when
-  projecting that sublayer's input (``x`` for attention, ``m`` for the MLP).
-- :func:`residual_composition` (official ``compute_residual_match``, Fig. 4 right): per
+- :func:`logit_increment` (official ``get_ident_change_rate``, figure ``prob_increment.png``,
+  the notebook's "class similarity change rate" of image tokens): per block, the share of
+  tokens whose label logit is larger at the block's output ``y`` than at its input ``x``.
+- :func:`sublayer_changes` (official ``compute_class_similarity_change``, left panel of
+  ``compositionality_<model>.png``, the "class similarity change rate" of a sublayer): per
+  block, the share of tokens whose label logit is larger when projecting a sublayer's output
+  alone (the attention branch, the MLP branch) than when projecting that sublayer's input
+  (``x`` for attention, ``m`` for the MLP).
+- :func:`residual_composition` (official ``compute_residual_match``, right panel): per
   block, the share of tokens whose top-1 class at the block output equals the top-1 class of
   the block input, of the attention branch, of the MLP branch, or of none of them.
 
@@ -144,7 +145,8 @@ class RiseResult(AnalysisResult):
         return title + "\n\n" + markdown_table(header, rows)
 
     def plot(self, ax: Any = None) -> Any:
-        """Lines of the shares per block, as the paper's Figs. 3 and 4 (left).
+        """Lines of the shares per block, as the official ``plot_logits_increment`` and the left
+        panel of ``plot_class_building``.
 
         Solid lines are the model, dashed ones the baseline; a star marks blocks where the
         test against the baseline gives p < 0.05; the dotted line is 50 %.
@@ -310,10 +312,10 @@ def logit_increment(
 ) -> LogitIncrementResult:
     """Per block, the share of tokens whose label logit rises from the block's input to its output.
 
-    The official ``get_ident_change_rate`` (paper Fig. 3, "logits increment") over image
-    tokens: ``mean(head(norm(hs_b))[label] > head(norm(hs_{b-1}))[label])``; the [CLS] token
-    is reported as a group of its own. The paper's trained ViTs raise the label logit of most
-    image tokens in every block (their Fig. 3 axis spans 50-100 %).
+    The official ``get_ident_change_rate`` (``plot_logits_increment``) over image tokens:
+    ``mean(head(norm(hs_b))[label] > head(norm(hs_{b-1}))[label])``; the [CLS] token is
+    reported as a group of its own. The official plot of the paper's ViTs spans 50-100 %:
+    their blocks raise the label logit of most image tokens.
 
     Args:
         model: A supported ViT (or its :class:`~class_space_saliency.ViTAnatomy`).
@@ -364,7 +366,7 @@ def sublayer_changes(
     progress: bool | None = None,
 ) -> SublayerChangesResult:
     """Per block, the share of tokens whose label logit is larger at a sublayer's output than at
-    its input (the paper's "class similarity change rate", Fig. 4 left).
+    its input (the official "class similarity change rate", ``plot_class_building``, left).
 
     For the attention sublayer the output is the attention branch projected alone and the
     input is the block input ``x``; for the MLP the output is the MLP branch and the input is
@@ -418,7 +420,7 @@ SOURCE_LABELS = {
     "mlp": "MLP",
     "none": "none (composition)",
 }
-"""Legend names of :data:`SOURCES`, as the paper's Fig. 4."""
+"""Legend names of :data:`SOURCES`, as the official ``plot_class_building``."""
 
 
 @dataclass
@@ -494,7 +496,7 @@ class ResidualCompositionResult(AnalysisResult):
         return "\n\n".join(tables)
 
     def plot(self, ax: Any = None) -> Any:
-        """Stacked bars per block, one panel per group, as the paper's Fig. 4 (right).
+        """Stacked bars per block, one panel per group, as the official ``plot_class_building``.
 
         The shares overlap (a token can match several sources), so a bar can pass 100 %.
         """
@@ -539,7 +541,7 @@ def residual_composition(
     """Per block, the share of tokens whose top-1 class at the block output equals the top-1
     class of the block input, of the attention branch, of the MLP branch, or of none of them.
 
-    The official ``compute_residual_match`` (paper Fig. 4 right, over all tokens) computes
+    The official ``compute_residual_match`` (``plot_class_building``, all tokens) computes
     the "none" share as ``(out != previous) & (out != attention) & (out != attention)``: it
     checks the attention branch twice and never the MLP branch, so tokens whose top-1 comes
     from the MLP count as "none". Here "none" checks all three; ``official=True`` reproduces
