@@ -288,6 +288,8 @@ def test_results_render_and_bad_input(tiny_vit, tmp_path):
         analysis.context_removal(model, (images, labels, masks), remove="background")
     with pytest.raises(ValueError, match="rule"):
         analysis.context_removal(model, (images, labels, masks), rule="any")
+    with pytest.raises(ValueError, match="threshold"):
+        analysis.context_identifiability(model, (images, labels, masks), threshold=1.5)
     with pytest.raises(ValueError, match="permutations"):
         analysis.context_identifiability(model, (images, labels, masks), permutations=0)
     with pytest.raises(UnsupportedModelError, match="token removal"):

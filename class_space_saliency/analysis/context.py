@@ -92,11 +92,7 @@ def mask_to_tokens(
         >>> mask_to_tokens(masks, (2, 2), rule="nearest").tolist()  # pixels (0, 0), (0, 2)
         [[False, True, False, False]]
     """
-    check_choice("rule", rule, TOKEN_RULES)
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    _check_rule(rule, threshold)
     if len(grid) != 2 or min(grid) < 1:
         raise ValueError(f"grid must be (h, w) with positive sizes, got {tuple(grid)}")
     masks = torch.as_tensor(masks)
@@ -115,6 +111,14 @@ def mask_to_tokens(
         return picked.reshape(masks.shape[0], h * w).bool()
     share = F.adaptive_avg_pool2d(masks.float(), (h, w))
     return (share >= threshold - 1e-6).reshape(masks.shape[0], h * w)
+
+
+def _check_rule(rule: str, threshold: float) -> None:
+    check_choice("rule", rule, TOKEN_RULES)
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
 
 
 def _object_tokens(anatomy: ViTAnatomy, batch: Batch, rule: str, threshold: float) -> torch.Tensor:
@@ -400,7 +404,7 @@ def context_identifiability(
         >>> result.top1("object").shape, result.p_values.shape  # per block
         (torch.Size([3]), torch.Size([3]))
     """
-    check_choice("rule", rule, TOKEN_RULES)
+    _check_rule(rule, threshold)
     check_bool("attention_change", attention_change)
     check_bool("official", official)
     if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
@@ -820,7 +824,7 @@ def context_removal(
         raise ValueError(f"remove must name 'context', 'object' or both, got {remove!r}")
     for removal in removals:
         check_choice("remove", removal, LOCATIONS)
-    check_choice("rule", rule, TOKEN_RULES)
+    _check_rule(rule, threshold)
     anatomy = _as_anatomy(model)
     path = find_token_path(anatomy.model)
     layers = anatomy.resolve_layers(layers)
