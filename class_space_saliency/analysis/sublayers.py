@@ -372,7 +372,9 @@ def sublayer_changes(
     input is the block input ``x``; for the MLP the output is the MLP branch and the input is
     the stream after the attention add, ``m = x + attention(x)``. The official
     ``compute_class_similarity_change`` compares the MLP branch with the block input ``x``
-    instead of ``m``: ``official=True`` does that (and says so in the result).
+    instead of ``m``: ``official=True`` does that (and says so in the result). (For its
+    global-pooling ViT-B/16 the official extractor also passes the branch outputs through the
+    block's ``norm1`` / ``norm2`` before projecting; here every state is projected alike.)
 
     Args:
         model: A supported ViT whose blocks are ``x + attention + MLP`` with both branches
