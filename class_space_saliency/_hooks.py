@@ -105,7 +105,8 @@ def capture(
 
     Args:
         anatomy: The model's anatomy (which modules to hook).
-        components: ``(component, block)`` pairs to record.
+        components: ``(component, block)`` pairs to record; ``component`` is one of
+            :data:`~class_space_saliency.anatomy.COMPONENTS`.
         attention: Blocks whose post-softmax attention probabilities to record.
         reduce: Optional ``f(kind, block, tensor) -> tensor`` (see :data:`Reduce`) applied
             inside the hook so that only its (smaller) result is kept.
@@ -266,6 +267,24 @@ def forward_hook(
         handle.remove()
 
 
+def _store(
+    result: Capture,
+    component: str,
+    block: int,
+    tokens: torch.Tensor,
+    reduce: Reduce | None,
+    scale: torch.Tensor | None = None,
+) -> None:
+    """Record token states as (B, N, D) (after layer scale), or their ``reduce``-d form."""
+    if tokens.dim() == 4:  # channels-last grids (timm Swin) -> (B, h*w, C)
+        tokens = tokens.flatten(1, 2)
+    if scale is not None:
+        tokens = tokens * scale
+    result.tokens[(component, block)] = (
+        tokens if reduce is None else reduce(component, block, tokens)
+    )
+
+
 def _token_hook(
     result: Capture,
     component: str,
@@ -275,13 +294,7 @@ def _token_hook(
 ) -> Callable:
     def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
         tokens = output[0] if isinstance(output, tuple) else output
-        if tokens.dim() == 4:  # channels-last grids (timm Swin) -> (B, h*w, C)
-            tokens = tokens.flatten(1, 2)
-        if scale is not None:
-            tokens = tokens * scale
-        result.tokens[(component, block)] = (
-            tokens if reduce is None else reduce(component, block, tokens)
-        )
+        _store(result, component, block, tokens, reduce, scale)
 
     return hook
 

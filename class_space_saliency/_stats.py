@@ -1,4 +1,5 @@
-"""Statistics of the package, in one place: rank correlation, signed-rank and permutation tests.
+"""Statistics of the package, in one place: rank correlation, signed-rank, McNemar and
+permutation tests.
 
 Every test here is checked against SciPy in ``tests/test_stats.py``.
 """
@@ -256,6 +257,79 @@ def permutation_test(
     # a relative tolerance, so that float rounding of an equal split counts as equal
     at_least = shuffled >= observed - 1e-12 * max(1.0, abs(observed))
     return observed, float((1 + at_least.sum()) / (1 + permutations))
+
+
+def mcnemar_test(
+    first_only: int, second_only: int, alternative: str = "greater"
+) -> tuple[int, float]:
+    """Exact McNemar test of paired binary outcomes, from the two discordant counts.
+
+    Of pairs where exactly one member has the outcome (a token's label logit rises under one
+    model but not under the other, say), ``first_only`` have it in the first member. Under
+    the null hypothesis each discordant pair goes either way with probability 1/2, so
+    ``first_only ~ Binomial(first_only + second_only, 1/2)``; concordant pairs carry no
+    information. The p-value is the exact binomial tail (as ``scipy.stats.binomtest(
+    first_only, n, 0.5, alternative)``), summed in log space from the tail's edge.
+
+    Args:
+        first_only: Pairs with the outcome in the first member only.
+        second_only: Pairs with the outcome in the second member only.
+        alternative: ``"greater"`` (the first member has the outcome more often), ``"less"``
+            or ``"two-sided"``.
+
+    Returns:
+        ``(first_only, p_value)``; the p-value is NaN without discordant pairs.
+
+    Raises:
+        ValueError: For negative counts or an unknown alternative.
+
+    Example:
+        >>> statistic, p = mcnemar_test(9, 1)  # P(X >= 9), X ~ Binomial(10, 1/2)
+        >>> statistic, round(p, 6)
+        (9, 0.010742)
+    """
+    first_only, second_only = int(first_only), int(second_only)
+    if first_only < 0 or second_only < 0:
+        raise ValueError(f"counts must be non-negative, got {first_only} and {second_only}")
+    if alternative not in ("greater", "less", "two-sided"):
+        raise ValueError(
+            f"alternative must be 'greater', 'less' or 'two-sided', got {alternative!r}"
+        )
+    n = first_only + second_only
+    if n == 0:
+        return first_only, float("nan")
+    greater = _binomial_half_upper_tail(first_only, n)
+    less = _binomial_half_upper_tail(n - first_only, n)  # symmetric: P(X <= k) = P(X >= n - k)
+    if alternative == "greater":
+        return first_only, greater
+    if alternative == "less":
+        return first_only, less
+    return first_only, min(1.0, 2 * min(greater, less))
+
+
+def _binomial_half_upper_tail(k: int, n: int) -> float:
+    """``P(X >= k)`` for ``X ~ Binomial(n, 1/2)``, exact to float64 rounding.
+
+    The smaller tail is summed from its edge over the terms that matter (they fall by more
+    than ``e^-60`` within ``40 sqrt(n)`` steps of the edge, so longer tails add nothing),
+    the larger one as its complement.
+    """
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    window = int(40 * math.sqrt(n)) + 10
+    if 2 * k >= n:  # upper tail, terms fall from k upwards
+        ks = torch.arange(k, min(n, k + window) + 1, dtype=torch.float64)
+        return min(1.0, _log_pmf_sum(ks, n))
+    ks = torch.arange(max(0, k - 1 - window), k, dtype=torch.float64)  # lower tail P(X < k)
+    return max(0.0, 1.0 - _log_pmf_sum(ks, n))
+
+
+def _log_pmf_sum(ks: torch.Tensor, n: int) -> float:
+    """``sum_k C(n, k) / 2^n`` over ``ks``, in log space."""
+    log_pmf = math.lgamma(n + 1) - torch.lgamma(ks + 1) - torch.lgamma(n - ks + 1) - n * math.log(2)
+    return float(torch.logsumexp(log_pmf, 0).exp())
 
 
 def _normal_sf(z: float) -> float:

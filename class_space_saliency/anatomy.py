@@ -396,7 +396,9 @@ class ViTAnatomy:
         ``training`` and attention flag is restored.
 
         Args:
-            components: ``(component, block)`` pairs to record.
+            components: ``(component, block)`` pairs to record (a component of
+                :data:`COMPONENTS`: the block output, or the attention or MLP branch after
+                layer scale).
             attention: Blocks whose post-softmax attention probabilities to record.
             reduce: Optional ``f(kind, block, tensor) -> tensor`` applied inside the hook so
                 that only its (smaller) result is kept; ``kind`` is the component for token
@@ -414,7 +416,7 @@ class ViTAnatomy:
 
         Example:
             >>> anatomy = ViTAnatomy.from_model(model)
-            >>> with anatomy.capture([("residual", -1)]) as cap:
+            >>> with anatomy.capture([("residual", -1)], inputs=[("block", 0)]) as cap:
             ...     cap.output = model(images)
             >>> cap.tokens[("residual", anatomy.depth - 1)].shape  # (B, N, D)
             torch.Size([3, 17, 32])

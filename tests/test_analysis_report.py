@@ -16,11 +16,12 @@ from class_space_saliency.untrained import untrained_copy
 def test_report_files_resume_and_config_check(tiny_vit, tmp_path, monkeypatch):
     model = tiny_vit("plain")
     images = testing.tiny_images("plain", batch=4)
-    data = (images, torch.tensor([0, 1, 2, 3]))
+    data = (images, torch.tensor([0, 1, 2, 3]), testing.box_masks(images))
     config = {"model": "tiny"}
     report = analysis.run_analyses(
-        model, data, tmp_path, baseline=untrained_copy(model), config=config, progress=False
-    )
+        model, data, tmp_path, baseline=untrained_copy(model), config=config, progress=False,
+        has_masks=True,
+    )  # fmt: skip
     assert set(report.results) == set(analysis.ANALYSES) - {"linear_probes"}
     assert "train" in report.skipped["linear_probes"]  # no training images were given
     stored = json.loads((tmp_path / "analysis.json").read_text())
@@ -41,8 +42,9 @@ def test_report_files_resume_and_config_check(tiny_vit, tmp_path, monkeypatch):
     for name, spec in analysis.ANALYSES.items():
         monkeypatch.setitem(analysis.ANALYSES, name, dataclasses.replace(spec, run=fail))
     again = analysis.run_analyses(
-        model, data, tmp_path, baseline=untrained_copy(model), config=config, progress=False
-    )
+        model, data, tmp_path, baseline=untrained_copy(model), config=config, progress=False,
+        has_masks=True,
+    )  # fmt: skip
     assert again.results == {} and "patching" in again.stored
     with pytest.raises(ValueError, match="another configuration"):
         analysis.run_analyses(model, data, tmp_path, config={"model": "other"}, progress=False)

@@ -1,5 +1,5 @@
 """class_space_saliency._stats against SciPy: Spearman, the signed-rank test from a histogram of
-differences, and the permutation test from histograms of values."""
+differences, McNemar's exact test, and the permutation test from histograms of values."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.stats import rankdata, spearmanr, wilcoxon
+from scipy.stats import binomtest, rankdata, spearmanr, wilcoxon
 
 from class_space_saliency import sanity
 from class_space_saliency._stats import (
     average_ranks,
+    mcnemar_test,
     paired_signed_rank_test,
     permutation_test,
     signed_rank_test,
@@ -136,3 +137,25 @@ def test_permutation_test_official_p_value_can_be_zero():
     assert corrected == pytest.approx(1 / 301)
     with pytest.raises(ValueError, match="observation"):
         permutation_test(np.array([0, 0]), np.array([1, 1]), values)
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
+def test_mcnemar_test_matches_scipy_binomtest(alternative):
+    rng = np.random.default_rng(2)
+    pairs = [(9, 1), (0, 5), (5, 0), (1, 0), (3, 3), (7, 30), (50_000, 49_000)]
+    pairs += [tuple(int(v) for v in rng.integers(0, 400, 2)) for _ in range(40)]
+    for first_only, second_only in pairs:
+        n = first_only + second_only
+        statistic, p_value = mcnemar_test(first_only, second_only, alternative)
+        expected = binomtest(first_only, n, 0.5, alternative=alternative).pvalue
+        assert statistic == first_only
+        assert p_value == pytest.approx(expected, rel=1e-9, abs=1e-300), (first_only, second_only)
+
+
+def test_mcnemar_test_edge_cases():
+    assert math.isnan(mcnemar_test(0, 0)[1])
+    assert mcnemar_test(0, 4)[1] == 1.0
+    with pytest.raises(ValueError, match="non-negative"):
+        mcnemar_test(-1, 3)
+    with pytest.raises(ValueError, match="alternative"):
+        mcnemar_test(1, 3, "bigger")

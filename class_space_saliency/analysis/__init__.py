@@ -5,6 +5,13 @@ tuple, a dataset or any iterable of such batches, e.g. a ``DataLoader``; see
 :mod:`._stream`), accumulates batch by batch in bounded memory, and returns a result with
 ``to_dict()`` (JSON-safe), ``table()`` (markdown) and ``plot()`` (matplotlib).
 
+- :func:`identifiability`: the label's rank per block, component and token group.
+- :func:`logit_increment`, :func:`sublayer_changes`, :func:`residual_composition`
+  (:mod:`.sublayers`): how each block and its attention and MLP sublayers move the label's
+  logit and the top-1 class.
+- :func:`context_identifiability`, :func:`context_removal` (:mod:`.context`, with object
+  masks): object vs context tokens, and what remains when either is removed.
+
 Example:
     >>> from class_space_saliency import analysis
     >>> result = analysis.identifiability(model, (images, labels), components="residual")
@@ -14,7 +21,14 @@ Example:
 
 from ..probing import LinearProbes
 from ._result import AnalysisResult
-from ._stream import Batch, RankHistogram, stream
+from ._stream import Batch, RankDifferenceHistogram, RankHistogram, stream
+from .context import (
+    ContextIdentifiabilityResult,
+    ContextRemovalResult,
+    RemovalOutcome,
+    context_identifiability,
+    context_removal,
+)
 from .identifiability import (
     Identifiability,
     IdentifiabilityResult,
@@ -33,6 +47,14 @@ from .memories import (
 from .patching import PatchingResult, Site, other_class_partners, patch, patching_grid
 from .probes import LinearProbesResult, linear_probes
 from .report import ANALYSES, AnalysisReport, AnalysisSpec, run_analyses
+from .sublayers import (
+    LogitIncrementResult,
+    ResidualCompositionResult,
+    SublayerChangesResult,
+    logit_increment,
+    residual_composition,
+    sublayer_changes,
+)
 
 __all__ = [
     "ANALYSES",
@@ -40,28 +62,40 @@ __all__ = [
     "AnalysisResult",
     "AnalysisSpec",
     "Batch",
+    "ContextIdentifiabilityResult",
+    "ContextRemovalResult",
     "Identifiability",
     "IdentifiabilityResult",
     "KeyValueAgreementResult",
     "KnockoutResult",
     "LinearProbes",
     "LinearProbesResult",
+    "LogitIncrementResult",
     "PatchingResult",
+    "RankDifferenceHistogram",
     "RankHistogram",
+    "RemovalOutcome",
+    "ResidualCompositionResult",
     "Site",
+    "SublayerChangesResult",
     "ValueVectorClasses",
     "ValueVectorsResult",
     "attention_knockout",
     "class_identifiability",
+    "context_identifiability",
+    "context_removal",
     "identifiability",
     "key_value_agreement",
     "knockout",
     "linear_probes",
+    "logit_increment",
     "other_class_partners",
     "patch",
     "patching_grid",
+    "residual_composition",
     "run_analyses",
     "stream",
+    "sublayer_changes",
     "value_vector_classes",
     "value_vectors",
 ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ._stream import RankHistogram
 
 
 class AnalysisResult:
@@ -118,3 +121,39 @@ def format_p_value(p: float | None) -> str:
     if p is None or (isinstance(p, float) and math.isnan(p)):
         return "–"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def draw_rank_boxes(
+    axis: Any, histograms: Mapping[str, RankHistogram], colours: Mapping[str, str]
+) -> None:
+    """Box plots of the normalised rank per block, one box per histogram side by side.
+
+    Boxes span the quartiles, whiskers the 5th and 95th percentiles; black lines are the
+    medians, black dots the means;
+    block ``i`` is drawn at x = ``i``. Each histogram gets a legend entry ``"{key} tokens"``.
+
+    Args:
+        axis: A matplotlib ``Axes``.
+        histograms: ``{label: RankHistogram}`` with the same blocks.
+        colours: ``{label: colour}``.
+    """
+    count = len(histograms)
+    offsets = np.linspace(-0.2, 0.2, count) if count > 1 else [0.0]
+    for offset, (label, histogram) in zip(offsets, histograms.items(), strict=True):
+        quantiles = histogram.quantiles([0.05, 0.25, 0.5, 0.75, 0.95]).numpy()
+        stats = [
+            dict(whislo=a, q1=b, med=c, q3=d, whishi=e, fliers=[]) for a, b, c, d, e in quantiles
+        ]
+        positions = np.arange(len(quantiles)) + offset
+        boxes = axis.bxp(
+            stats,
+            positions=positions,
+            widths=0.35,
+            patch_artist=True,
+            showfliers=False,
+            medianprops=dict(color="black"),
+        )
+        for box in boxes["boxes"]:
+            box.set_facecolor(colours[label])
+        axis.plot(positions, histogram.mean_rank().numpy(), "k.", ms=4)
+        axis.plot([], [], "s", color=colours[label], label=f"{label} tokens")

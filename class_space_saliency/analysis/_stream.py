@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .._stats import signed_rank_test
 from .._validation import check_inputs, check_target
 from ..anatomy import ViTAnatomy
 
@@ -321,3 +322,44 @@ class RankHistogram:
         levels = levels.expand(len(below), -1).contiguous()
         positions = torch.searchsorted(below.contiguous(), levels + 1e-12, right=True)
         return self.values()[positions.clamp(max=self.num_classes - 1)]
+
+
+class RankDifferenceHistogram:
+    """Counts of paired differences of the label's rank position per block.
+
+    For tokens paired across two conditions (a model and its baseline at the same image and
+    token; a token with and without other tokens removed), the difference ``second - first``
+    of rank positions lies in ``-(C - 1) … C - 1``: its histogram, (L, 2C - 1) int64, is all
+    that the Wilcoxon signed-rank test needs (:func:`~class_space_saliency._stats.
+    signed_rank_test`), in memory that does not grow with the data. A positive difference
+    means the first condition ranks the label higher (is more identifiable).
+
+    Args:
+        num_layers: Blocks (rows).
+        num_classes: Classes ``C``.
+
+    Example:
+        >>> differences = RankDifferenceHistogram(1, 3)
+        >>> differences.add(torch.tensor([[0, 0, 1]]), torch.tensor([[2, 1, 1]]))
+        >>> differences.counts.tolist()  # differences -2 … 2
+        [[0, 0, 1, 1, 1]]
+    """
+
+    def __init__(self, num_layers: int, num_classes: int) -> None:
+        self.counts = torch.zeros(num_layers, 2 * num_classes - 1, dtype=torch.int64)
+
+    def add(self, first: torch.Tensor, second: torch.Tensor) -> None:
+        """Count the differences of paired rank positions (L, ...) of the two conditions;
+        pairs with a negative position (no token there) are not counted."""
+        valid = ((first >= 0) & (second >= 0)).reshape(first.shape[0], -1).cpu()
+        shift = (second - first).reshape(first.shape[0], -1).long().cpu()
+        shift += (self.counts.shape[1] - 1) // 2
+        self.counts.scatter_add_(1, shift * valid, valid.long())
+
+    def p_values(self, alternative: str = "greater") -> torch.Tensor:
+        """(L,) Wilcoxon signed-rank p-values; ``"greater"``: the first condition ranks the
+        label higher. NaN for a block without nonzero differences."""
+        return torch.tensor(
+            [signed_rank_test(row.numpy(), alternative)[1] for row in self.counts],
+            dtype=torch.float64,
+        )

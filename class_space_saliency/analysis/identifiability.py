@@ -22,13 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._stats import signed_rank_test
 from .._validation import check_choice
 from ..adapters import UnsupportedModelError
 from ..anatomy import COMPONENTS, ViTAnatomy
 from ..projection import target_class_column
-from ._result import AnalysisResult, format_p_value, json_safe, markdown_table
-from ._stream import Data, RankHistogram, stream
+from ._result import AnalysisResult, draw_rank_boxes, format_p_value, json_safe, markdown_table
+from ._stream import Data, RankDifferenceHistogram, RankHistogram, stream
 
 TOKEN_GROUPS = ("cls", "image")
 """Token groups reported: the [CLS] token the head reads, and the image tokens."""
@@ -246,21 +245,8 @@ class IdentifiabilityResult(AnalysisResult):
             axes = np.atleast_1d(ax)
         colours = {"cls": "tab:green", "image": "tab:orange"}
         for axis, component in zip(axes, components, strict=False):
-            offsets = np.linspace(-0.2, 0.2, len(self.groups)) if len(self.groups) > 1 else [0]
-            for offset, group in zip(offsets, self.groups, strict=True):
-                histogram = self.histograms[(component, group)]
-                q = histogram.quantiles([0.05, 0.25, 0.5, 0.75, 0.95]).numpy()
-                stats = [
-                    dict(whislo=a, q1=b, med=c, q3=d, whishi=e, fliers=[]) for a, b, c, d, e in q
-                ]
-                positions = np.arange(len(self.layers)) + offset
-                boxes = axis.bxp(
-                    stats, positions=positions, widths=0.35, patch_artist=True, showfliers=False
-                )
-                for box in boxes["boxes"]:
-                    box.set_facecolor(colours[group])
-                axis.plot(positions, histogram.mean_rank().numpy(), "k.", ms=4)
-                axis.plot([], [], "s", color=colours[group], label=f"{group} tokens")
+            histograms = {g: self.histograms[(component, g)] for g in self.groups}
+            draw_rank_boxes(axis, histograms, colours)
             if self.p_values:
                 significant = np.all(
                     [self.p_values[(component, g)].numpy() < 0.05 for g in self.groups], axis=0
@@ -410,10 +396,8 @@ def identifiability(
     if baseline is not None:
         models.append(_matching_baseline(anatomy, _as_anatomy(baseline, "baseline")))
     counts = [_Counts(components, groups, len(layers), num_classes) for _ in models]
-    # paired differences (baseline position - model position) shifted by C - 1 to index 0
     differences = {
-        key: torch.zeros(len(layers), 2 * num_classes - 1, dtype=torch.int64)
-        for key in counts[0].histograms
+        key: RankDifferenceHistogram(len(layers), num_classes) for key in counts[0].histograms
     }
     seen = 0
     for batch in stream(
@@ -426,22 +410,15 @@ def identifiability(
                 accumulated.add(component, positions[component])
         if baseline is not None:
             for component, group in differences:
-                columns = slice(0, 1) if group == "cls" else slice(1, None)
+                columns = slice(0, 1) if group == "cls" else slice(1, None)  # see _positions
                 mine, theirs = (f[component][:, :, columns] for f in found)
-                valid = (mine >= 0).reshape(len(layers), -1).cpu()
-                shift = (theirs - mine + num_classes - 1).reshape(len(layers), -1).cpu()
-                differences[(component, group)].scatter_add_(1, shift * valid, valid.long())
+                differences[(component, group)].add(mine, theirs)
         seen += batch.images.shape[0]
 
     main = counts[0].result(layers, seen)
     if baseline is not None:
         main.baseline = counts[1].result(layers, seen)
-        main.p_values = {
-            key: torch.tensor(
-                [signed_rank_test(row.numpy(), "greater")[1] for row in table], dtype=torch.float64
-            )
-            for key, table in differences.items()
-        }
+        main.p_values = {key: table.p_values("greater") for key, table in differences.items()}
     return main
 
 

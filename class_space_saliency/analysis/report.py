@@ -25,11 +25,13 @@ from ..adapters import UnsupportedModelError
 from ..anatomy import ViTAnatomy
 from ._result import AnalysisResult, json_safe
 from ._stream import Data, stream
+from .context import context_identifiability, context_removal
 from .identifiability import identifiability
 from .knockouts import attention_knockout
 from .memories import key_value_agreement, value_vectors
 from .patching import other_class_partners, patching_grid
 from .probes import linear_probes
+from .sublayers import logit_increment, residual_composition, sublayer_changes
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,22 @@ def _identifiability(model: nn.Module, data: Data, baseline: nn.Module | None, *
     return identifiability(model, data, baseline=baseline, **options)
 
 
-def _attention_knockout(model: nn.Module, data: Data, baseline: nn.Module | None, **options):
-    return attention_knockout(model, data, **options)
+def _with_baseline(function: Callable[..., AnalysisResult]) -> Callable[..., AnalysisResult]:
+    """``run`` of an analysis that takes ``baseline=``."""
+
+    def run(model: nn.Module, data: Data, baseline: nn.Module | None, **options):
+        return function(model, data, baseline=baseline, **options)
+
+    return run
+
+
+def _without_baseline(function: Callable[..., AnalysisResult]) -> Callable[..., AnalysisResult]:
+    """``run`` of an analysis that compares within the model (no baseline)."""
+
+    def run(model: nn.Module, data: Data, baseline: nn.Module | None, **options):
+        return function(model, data, **options)
+
+    return run
 
 
 PATCHING_PAIRS = 64
@@ -91,10 +107,6 @@ def _value_vectors(model: nn.Module, data: Data, baseline: nn.Module | None, **o
     return value_vectors(model, baseline=baseline, **options)
 
 
-def _key_value_agreement(model: nn.Module, data: Data, baseline: nn.Module | None, **options):
-    return key_value_agreement(model, data, **options)
-
-
 def _linear_probes(model: nn.Module, data: Data, baseline: nn.Module | None, **options):
     num_images = options.pop("num_images", None)
     return linear_probes(model, options.pop("train"), data, num_test=num_images, **options)
@@ -117,8 +129,62 @@ ANALYSES: dict[str, AnalysisSpec] = {
             cost=2.0,
         ),
         AnalysisSpec(
+            "logit_increment",
+            _with_baseline(logit_increment),
+            "Per block, the share of tokens ([CLS] and image tokens) whose label logit rises "
+            "from the block's input to its output, against the untrained baseline (one-sided "
+            "exact McNemar test paired by image and token).",
+            "The official plot_logits_increment: 50-100 % of image tokens gain label logit per "
+            "block in the paper's ViTs (notebook 1).",
+            cost=3.0,
+        ),
+        AnalysisSpec(
+            "sublayer_changes",
+            _with_baseline(sublayer_changes),
+            "Per block, the share of tokens whose label logit is higher after projecting the "
+            "attention output than the attention's input (the block input), and the MLP output "
+            "than the MLP's input (the stream after the attention add; official=True compares "
+            "with the block input, as the official code).",
+            "Attention and MLP sublayers raise the label's logit for different shares of "
+            "tokens along the blocks (notebook 2, plot_class_building).",
+            cost=3.0,
+        ),
+        AnalysisSpec(
+            "residual_composition",
+            _without_baseline(residual_composition),
+            "Per block, the share of tokens whose top-1 class at the block's output equals that "
+            "of the block's input, of the attention output, of the MLP output, or none of them "
+            "(the official code checks the attention twice for 'none'; official=True does).",
+            "",
+            cost=1.5,
+        ),
+        AnalysisSpec(
+            "context_identifiability",
+            _with_baseline(context_identifiability),
+            "Object vs context image tokens (object: at least half the patch inside the mask, or "
+            "the official nearest-pixel rule): identifiability per block with a seeded "
+            "permutation test of the difference, and the attention sublayer's label-logit "
+            "change split by object and context.",
+            "ViT-B/32: the attention raises the label logit of more object than context tokens "
+            "in blocks 1-7 (p = 0, 300 permutations), fewer in blocks 8-10 (notebook 2, "
+            "compute_context_diff).",
+            needs_masks=True,
+            cost=3.0,
+        ),
+        AnalysisSpec(
+            "context_removal",
+            _without_baseline(context_removal),
+            "Object or context tokens removed right after the position embedding ([CLS] kept): "
+            "identifiability of the remaining tokens in the last block against the same tokens "
+            "unperturbed, and the accuracy of each run.",
+            "ViT-B/32, last block: object tokens 71.92 % identifiable, 44.70 % without the "
+            "context; context tokens 56.24 %, 38.68 % without the object (notebook 1).",
+            needs_masks=True,
+            cost=5.0,
+        ),
+        AnalysisSpec(
             "attention_knockout",
-            _attention_knockout,
+            _without_baseline(attention_knockout),
             "Identifiability of the image tokens per block with the attention of every block "
             "edited as the official vit_edited.py: 'self_only' (each image token attends only "
             "to itself) and 'no_cls' (image tokens' attention to [CLS] zeroed, rows not "
@@ -152,7 +218,7 @@ ANALYSES: dict[str, AnalysisSpec] = {
         ),
         AnalysisSpec(
             "key_value_agreement",
-            _key_value_agreement,
+            _without_baseline(key_value_agreement),
             "Per token, its 5 most activated memories (MLP: first linear before the "
             "activation; attention: per-head softmax(QK^T)V) agree when one of them is among "
             "the label's top-5 memories: the rate per block against a random-class control, "
