@@ -92,7 +92,7 @@ def main() -> None:
         model, evaluation, **options))  # fmt: skip
     agreement.save(folder)
     train = timed(seconds, "generate_training_images", lambda: load_default_held_out(
-        args.model, args.train_images, prep))  # fmt: skip
+        args.train_images, args.model, prep))  # fmt: skip
     probes = timed(seconds, "linear_probes", lambda: analysis.linear_probes(
         model, train, evaluation, curve=CURVE, **options))  # fmt: skip
     probes.save(folder)
