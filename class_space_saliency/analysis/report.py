@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +253,8 @@ class AnalysisReport:
     Attributes:
         results: ``{name: result}`` of the analyses computed in this call.
         stored: ``{name: stored entry}`` of every analysis in ``analysis.json`` (``result``:
-            the result's ``to_dict()``; ``table``: its markdown).
+            the result's ``to_dict()``; ``table``: its markdown; ``seconds``: how long it
+            ran).
         skipped: ``{name: reason}`` of analyses that could not run on this data.
         files: Files written.
     """
@@ -347,14 +349,16 @@ def run_analyses(
             continue
         if progress is not False:
             print(f"analysis: {name}", file=sys.stderr)
+        start = time.perf_counter()
         try:
             result = spec.run(model, data, baseline, **common, **options.get(name, {}))
         except UnsupportedModelError as error:
             report.skipped[name] = str(error)
             continue
+        seconds = round(time.perf_counter() - start, 1)
         report.results[name] = result
         _save_figure(result, out / f"{name}.png")
-        stored[name] = {"result": result.to_dict(), "table": result.table()}
+        stored[name] = {"result": result.to_dict(), "table": result.table(), "seconds": seconds}
         _write_json(path, {"config": config, "analyses": stored})
     _write_json(path, {"config": config, "analyses": stored})
     (out / "report.md").write_text(_markdown(config, stored, report.skipped))
