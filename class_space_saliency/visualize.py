@@ -227,7 +227,12 @@ def overlay_figure(
     """One overlay as a matplotlib figure, with a colour bar in map units and a scaling note.
 
     Args:
-        image, saliency, colormap, alpha, normalization, box: As for :func:`overlay`.
+        image: As for :func:`overlay`.
+        saliency: As for :func:`overlay`.
+        colormap: As for :func:`overlay`.
+        alpha: As for :func:`overlay`.
+        normalization: As for :func:`overlay`.
+        box: As for :func:`overlay`.
         title: Optional title.
 
     Returns:
@@ -291,7 +296,9 @@ def saliency_grid(
         columns: ``{title: maps}`` where maps is (B, 1, h, w) or (B, h, w) with B rows.
         row_titles: Optional label of each row, e.g. ``"label Coat, pred Shirt ✗"``; say
             in ``caption`` whether the maps explain the label or the prediction.
-        colormap, alpha, normalization: As for :func:`overlay`.
+        colormap: As for :func:`overlay`.
+        alpha: As for :func:`overlay`.
+        normalization: As for :func:`overlay`.
         cell_size: Inches per panel.
         boxes: Per row, the region of the image that the model saw (see :func:`overlay`),
             or ``None`` for the whole image.

@@ -58,7 +58,8 @@ class CheferRollout(SaliencyMethod):
 
     Args:
         model: A supported timm ViT.
-        class_names, **kwargs: Class names and parts of a custom model (no options).
+        class_names: Names of the model's classes (targets by name).
+        **kwargs: Parts of a custom model (the method has no options).
 
     Example:
         >>> import timm, torch

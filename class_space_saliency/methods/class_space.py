@@ -57,7 +57,8 @@ class ClassSpaceSaliency(SaliencyMethod):
 
     Args:
         model: A supported ViT.
-        *args, **kwargs: :class:`ClassSpaceOptions` (``layer``, ``component``, ``score``,
+        *args: Options by position, in the order of the ``Options`` fields.
+        **kwargs: :class:`ClassSpaceOptions` (``layer``, ``component``, ``score``,
             ``combine``, ``differentiable``, ``per_layer``), ``class_names`` and parts of a
             custom model (see ``ViTAnatomy.from_model``); every option can be overridden
             per call in ``attribute``.

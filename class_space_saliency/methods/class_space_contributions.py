@@ -86,7 +86,8 @@ class ClassSpaceContributions(SaliencyMethod):
 
     Args:
         model: A supported ViT.
-        *args, **kwargs: :class:`ClassSpaceContributionsOptions` (``layer``, ``heads``,
+        *args: Options by position, in the order of the ``Options`` fields.
+        **kwargs: :class:`ClassSpaceContributionsOptions` (``layer``, ``heads``,
             ``per_layer``, ``per_head``), ``class_names`` and parts of a custom model; every
             option can be overridden per call in ``attribute``.
 

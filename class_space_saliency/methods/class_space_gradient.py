@@ -50,7 +50,8 @@ class ClassSpaceAttentionGradient(SaliencyMethod):
     Args:
         model: A supported ViT whose head reads a [CLS] token (timm, BEiT/EVA with
             ``global_pool="token"``, Hugging Face ViT-like models with eager attention).
-        *args, **kwargs: :class:`ClassSpaceGradientOptions` (``layer``, ``paper_exact``,
+        *args: Options by position, in the order of the ``Options`` fields.
+        **kwargs: :class:`ClassSpaceGradientOptions` (``layer``, ``paper_exact``,
             ``per_head``), ``class_names`` and parts of a custom model.
 
     Example:

@@ -47,7 +47,8 @@ class ControlSaliency(SaliencyMethod):
 
     Args:
         model: Any image classifier.
-        *args, **kwargs: The control's options, ``class_names``, ``patch_size`` (int or
+        *args: Options by position, in the order of the ``Options`` fields.
+        **kwargs: The control's options, ``class_names``, ``patch_size`` (int or
             (ph, pw); needed for a model that no adapter supports), ``num_classes`` (for such
             a model where it does not declare them, see
             :func:`~._any_model.declared_num_classes`) and, for supported models, parts of a
@@ -101,7 +102,8 @@ class RandomSaliency(ControlSaliency):
 
     Args:
         model: Any image classifier (only its patch grid and class count are used).
-        *args, **kwargs: :class:`RandomOptions` (``seed``), ``num_classes`` for a model no
+        *args: Options by position, in the order of the ``Options`` fields.
+        **kwargs: :class:`RandomOptions` (``seed``), ``num_classes`` for a model no
             adapter supports (see :class:`ControlSaliency`), ``patch_size`` or parts of a
             custom model.
 

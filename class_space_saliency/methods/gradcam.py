@@ -89,7 +89,8 @@ class GradCAM(SaliencyMethod):
     Args:
         model: A supported model (ViT or Swin), or any image classifier with ``layer`` a
             module of it.
-        *args, **kwargs: :class:`GradCAMOptions` (``layer``, ``relu``), ``class_names``,
+        *args: Options by position, in the order of the ``Options`` fields.
+        **kwargs: :class:`GradCAMOptions` (``layer``, ``relu``), ``class_names``,
             ``num_classes`` (for a model that no adapter supports and that does not declare
             its classes) and parts of a custom model (see ``ViTAnatomy.from_model``).
 

@@ -56,7 +56,8 @@ class LinearProbeSaliency(SaliencyMethod):
 
     Args:
         model: The ViT the probes were fitted on.
-        *args, **kwargs: :class:`LinearProbeOptions` (``probes``, ``layer``, ``position``),
+        *args: Options by position, in the order of the ``Options`` fields.
+        **kwargs: :class:`LinearProbeOptions` (``probes``, ``layer``, ``position``),
             ``class_names`` and parts of a custom model.
 
     Raises:

@@ -36,7 +36,8 @@ class RawAttention(SaliencyMethod):
 
     Args:
         model: A supported timm or torchvision ViT.
-        *args, **kwargs: :class:`RawAttentionOptions` (``layer``), ``class_names`` and parts
+        *args: Options by position, in the order of the ``Options`` fields.
+        **kwargs: :class:`RawAttentionOptions` (``layer``), ``class_names`` and parts
             of a custom model.
 
     Example:

@@ -134,7 +134,8 @@ class AttentionRollout(SaliencyMethod):
 
     Args:
         model: A supported timm or torchvision ViT.
-        *args, **kwargs: :class:`RolloutOptions` (``head_fusion``, ``discard_ratio``,
+        *args: Options by position, in the order of the ``Options`` fields.
+        **kwargs: :class:`RolloutOptions` (``head_fusion``, ``discard_ratio``,
             ``start_layer``), ``class_names`` and parts of a custom model.
 
     Example:
