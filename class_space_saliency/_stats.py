@@ -118,8 +118,8 @@ def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[
         ValueError: For a confidence outside (0, 1) or no samples.
 
     Example:
-        >>> percentile_interval(np.arange(101.0))
-        (2.5, 97.5)
+        >>> percentile_interval(np.arange(5.0), confidence=0.5)
+        (1.0, 3.0)
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")

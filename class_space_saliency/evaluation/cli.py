@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 import torch
 
+from ..methods.base import UPSAMPLE_MODES
 from .datasets import ImageFolderDataset, as_dataset, balanced_order, match_class_folders
-from .protocols import PRESETS
+from .protocols import PRESETS, resolve_protocols
 from .runner import run_benchmark
 
 DEFAULT_METHODS = ("class_space", "gradcam", "rollout", "chefer", "random", "sobel", "intensity")
@@ -110,7 +112,20 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
     )
     parser.add_argument("--out", default="benchmark_results", help="run folder (resumable)")
     parser.add_argument("--max-batch-size", type=int, default=256, help="inputs per forward")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per chunk, saved together (default: one image, more once images prove "
+        "fast: as many as take about 2 s)",
+    )
+    parser.add_argument(
+        "--upsample",
+        choices=UPSAMPLE_MODES,
+        default="bilinear",
+        help="how pixel protocols upsample patch maps: bilinear (Chefer et al.) or nearest "
+        "(patch-aligned)",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the sample, the random method, the bootstrap"
     )
@@ -137,6 +152,9 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     embedded_names = ("default", *EMBEDDED_MODELS)
+    model_name = DEFAULT_MODEL if args.model == "default" else args.model
+    if args.weights is not None:
+        model_name = f"{model_name}:{args.weights}"
     if args.data is None and args.model not in embedded_names:
         print(
             f"error: --model {args.model} has no embedded evaluation set; pass --data with an "
@@ -163,11 +181,15 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
             dataset = ImageFolderDataset(args.data, preprocessing, class_to_idx)
             labels = dataset.labels
         dataset = Subset(dataset, balanced_order(labels, args.seed))
+        protocols = [
+            dataclasses.replace(p, upsample=args.upsample) if p.unit == "pixel" else p
+            for p in resolve_protocols(args.protocols)
+        ]
         report = run_benchmark(
             model.to(device),
             dataset,
             args.methods,
-            args.protocols,
+            protocols,
             preprocessing.mean,
             preprocessing.std,
             args.out,
@@ -176,7 +198,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
             n=args.num_images,
             seed=args.seed,
             method_kwargs={"random": {"seed": args.seed}} if "random" in args.methods else None,
-            model_name=args.model if args.weights is None else f"{args.model}:{args.weights}",
+            model_name=model_name,
         )
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
