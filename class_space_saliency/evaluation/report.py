@@ -153,6 +153,17 @@ class Section:
         return FRAGILE_MARGIN * (100.0 if self.rule == "trapezoid_percent" else 1.0)
 
 
+def localisation_setting(config: dict) -> dict | None:
+    """How a run compared maps with masks: ``{"upsample": None | "bilinear" | "nearest"}``.
+
+    ``None`` for a run without masks; runs written before the setting existed upsampled
+    bilinearly.
+    """
+    if not config.get("dataset", {}).get("masks"):
+        return None
+    return config.get("localisation", {"upsample": "bilinear"})
+
+
 def verdict(diff_low: float, diff_high: float, higher_is_better: bool) -> str:
     """A method against the reference from the interval of ``AUC(reference) - AUC(method)``.
 
@@ -486,9 +497,9 @@ def _markdown(report: BenchmarkReport, correct: BenchmarkReport, reference: str)
         f"is better; {reference} better on: the share of images whose own AUC is strictly "
         f"better for {reference} than for the method",
     ]
-    localisation = config.get("localisation")
+    localisation = localisation_setting(config)
     if localisation is not None:
-        upsample = localisation.get("upsample")
+        upsample = localisation["upsample"]
         rule = (
             "at the map's resolution (each cell weighted by its mask share)"
             if upsample is None
