@@ -117,7 +117,7 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
         type=int,
         default=None,
         help="images per chunk, saved together (default: one image, more once images prove "
-        "fast: as many as take about 2 s)",
+        "fast: as many as take about 10 s)",
     )
     parser.add_argument(
         "--upsample",
