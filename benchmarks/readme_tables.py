@@ -200,6 +200,9 @@ def render_shift(new: dict, old: dict) -> str:
         cells = []
         for section in curves:
             pair = (section["name"], method)
+            if pair not in tables["new", "rows"] or pair not in tables["old", "rows"]:
+                cells.append("")  # e.g. random_shared beside a curve it does not run on
+                continue
             shift = tables["new", "rows"][pair]["auc"] - tables["old", "rows"][pair]["auc"]
             decimals = _decimals(section)
             cell = f"{round(shift, decimals) + 0.0:+.{decimals}f}"  # + 0.0: no "-0.000"

@@ -123,10 +123,13 @@ def test_upsample_shift_compares_the_nearest_run_with_the_bilinear_one(run):
     nearest = copy.deepcopy(run)
     row = next(r for r in nearest["rows"] if (r["method"], r["protocol"]) == ("a", DOWN))
     row.update(auc=0.375, diff_low=-0.01, diff_high=0.02)
+    for version in (run, nearest):  # a method with rows for one curve only
+        version["rows"].append(comparison(DOWN, "random_shared", -0.1, -0.05))
     results = {"models": {"m": {"main": run, "main_nearest": nearest}}}
     marker = "<!-- table:m/main/upsample-shift:{} -->"
     readme = marker.format("start") + "\n" + marker.format("end") + "\n"
     filled = tables["fill"](readme, results)
     assert "| `a` | -0.125 (vs class_space: better → tie) | +0.000 |" in filled
+    assert "| `random_shared` | +0.000 |  |" in filled
     with pytest.raises(ValueError, match="main_nearest"):
         tables["fill"](readme, {"models": {"m": {"main": run}}})
