@@ -12,12 +12,21 @@ resumable (rerun the same command after an interruption) and shardable under ``t
    them, so that every variant is compared with the default and with random on the same
    images.
 
+The main run adds the official random baseline of Vilas et al. to vilas2023 (``random_shared``:
+the mean over ``--shared-random-orders`` token orders shared by all images; 0 leaves it out).
+
 Each run folder ``faithfulness_<model>_<run>`` gets ``report.md``, ``report.csv`` and
 ``curves_<preset>.png``; ``benchmarks/results/faithfulness.json`` gets (or replaces) the
-entry ``models[<model>]``, which ``benchmarks/readme_tables.py`` turns into README tables.
+entry ``models[<model>][<run>]``, which ``benchmarks/readme_tables.py`` turns into README
+tables. ``--upsample nearest`` runs the pixel protocols on patch-aligned maps instead of
+bilinear ones, in folders ``faithfulness_<model>_<run>_nearest`` and entries ``<run>_nearest``
+(``readme_tables.py``'s ``upsample-shift`` tables show which verdicts move).
+``--summarize-only`` rewrites the entries from the run folders' records without running
+anything (after a change of the report code).
 
 Example:
     torchrun --nproc_per_node 8 benchmarks/faithfulness.py --model fashion-scenes
+    torchrun --nproc_per_node 8 benchmarks/faithfulness.py --model fashion-scenes --upsample nearest
 """
 
 from __future__ import annotations
@@ -35,11 +44,14 @@ from class_space_saliency.evaluation import (
     BenchmarkReport,
     load_config,
     load_records,
+    resolve_protocols,
     run_benchmark,
     summarize,
 )
 from class_space_saliency.evaluation.distributed import shard_from_env
+from class_space_saliency.evaluation.report import localisation_setting
 from class_space_saliency.methods import create_method, list_methods
+from class_space_saliency.methods.base import UPSAMPLE_MODES
 from class_space_saliency.models import load_default
 from class_space_saliency.probing import LinearProbes
 
@@ -60,29 +72,62 @@ ABLATION = {
 RESULTS_FORMAT = 2
 
 
-def run_summary(report: BenchmarkReport, versus_random: BenchmarkReport) -> dict:
+def run_summary(
+    report: BenchmarkReport, versus_random: BenchmarkReport, correct: BenchmarkReport
+) -> dict:
     """The JSON entry of one run: accuracy, sections (tables), rows and missing pairs.
 
     ``rows`` compare every method with ``class_space`` (``report``), ``rows_vs_random`` with
-    ``random`` (``versus_random``: the same records summarised with ``reference="random"``).
+    ``random`` (``versus_random``: the same records summarised with ``reference="random"``),
+    ``rows_correct`` with ``class_space`` on the correctly classified images only
+    (``correct``). Rows carry their verdict and whether it is fragile; ``localisation`` says
+    how maps were compared with masks (runs before the setting existed upsampled bilinearly).
     """
     return {
         "clean_accuracy": report.clean_accuracy,
         "n_images": report.n_images,
+        "n_correct": correct.n_images,
+        "localisation": localisation_setting(report.config),
         "sections": [
-            {"name": s.name, "higher_is_better": s.higher_is_better, "rule": s.rule}
+            {
+                "name": s.name,
+                "higher_is_better": s.higher_is_better,
+                "rule": s.rule,
+                "derived": s.derived,
+            }
             for s in report.sections
         ],
         "missing": [list(pair) for pair in report.missing],
         "rows": [dataclasses.asdict(row) for row in report.rows],
         "rows_vs_random": [dataclasses.asdict(row) for row in versus_random.rows],
+        "rows_correct": [dataclasses.asdict(row) for row in correct.rows],
     }
 
 
-def summarize_folder(folder: Path, *references: str) -> list[BenchmarkReport]:
-    """The records of a run folder summarised once per reference method (the run's seed)."""
+def summarize_folder(folder: Path) -> dict:
+    """The JSON entry (:func:`run_summary`) of a run folder's records, with the run's seed."""
     config, records = load_config(folder), load_records(folder)
-    return [summarize(records, config, reference=r, seed=config["seed"]) for r in references]
+    report, versus_random, correct = (
+        summarize(records, config, reference=reference, seed=config["seed"], subset=subset)
+        for reference, subset in (
+            ("class_space", "all"),
+            ("random", "all"),
+            ("class_space", "correct"),
+        )
+    )
+    return run_summary(report, versus_random, correct)
+
+
+def run_protocols(run: str, upsample: str, shared_random_orders: int) -> list:
+    """The protocols of a run: pixel ones with ``upsample``; the official random in main."""
+    protocols = []
+    for protocol in resolve_protocols(PROTOCOLS):
+        if protocol.unit == "pixel":
+            protocol = dataclasses.replace(protocol, upsample=upsample)
+        if protocol.unit == "token" and run == "main":
+            protocol = dataclasses.replace(protocol, shared_random_orders=shared_random_orders)
+        protocols.append(protocol)
+    return protocols
 
 
 def update_results(path: Path, model: str, runs: dict[str, dict]) -> None:
@@ -107,12 +152,26 @@ def main() -> None:
     parser.add_argument(
         "--runs", nargs="+", choices=("main", "ablation"), default=["main", "ablation"]
     )
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: adaptive chunks")
     parser.add_argument("--max-batch-size", type=int, default=512)
     parser.add_argument(
         "--probes", type=Path, help="fitted LinearProbes (file or folder): adds linear_probe"
     )
+    parser.add_argument("--upsample", choices=UPSAMPLE_MODES, default="bilinear")
+    parser.add_argument("--shared-random-orders", type=int, default=10)
+    parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
+    suffix = "" if args.upsample == "bilinear" else f"_{args.upsample}"
+    folders = {run: args.out / f"faithfulness_{args.model}_{run}{suffix}" for run in args.runs}
+    path = args.out / "faithfulness.json"
+    if args.summarize_only:
+        update_results(
+            path, args.model, {run + suffix: summarize_folder(f) for run, f in folders.items()}
+        )
+        print(
+            f"wrote models[{args.model!r}] of {path} from {', '.join(map(str, folders.values()))}"
+        )
+        return
 
     device = torch.device("cpu")
     if torch.cuda.is_available():
@@ -140,13 +199,12 @@ def main() -> None:
     # one process group for all runs: run_benchmark would otherwise set up and tear down a group
     # per run, and under torchrun a rank still tearing down races the next run's barrier
     with shard_from_env(device):
-        for run in args.runs:
-            folder = args.out / f"faithfulness_{args.model}_{run}"
+        for run, folder in folders.items():
             report = run_benchmark(
                 model,
                 data,
                 methods[run],
-                PROTOCOLS,
+                run_protocols(run, args.upsample, args.shared_random_orders),
                 prep.mean,
                 prep.std,
                 folder,
@@ -157,11 +215,9 @@ def main() -> None:
             )
             if report is None:  # not rank 0
                 continue
-            (versus_random,) = summarize_folder(folder, "random")
-            summary[run] = run_summary(report, versus_random)
+            summary[run + suffix] = summarize_folder(folder)
             print(f"{run}: clean accuracy {report.clean_accuracy:.4f} on {report.n_images} images")
     if summary:
-        path = args.out / "faithfulness.json"
         update_results(path, args.model, summary)
         print(f"wrote models[{args.model!r}] of {path}")
 

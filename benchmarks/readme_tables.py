@@ -18,16 +18,24 @@ perturbation curve and derived ROAD value: AUC [95 % bootstrap interval]) or ``l
 
 - ``-diff``: the paired difference ``class_space - method`` [95 % interval];
 - ``-verdict``: how each method compares with ``class_space``;
-- ``-vs-random``: how each method compares with ``random`` on the same images.
+- ``-vs-random``: how each method compares with ``random`` on the same images;
+- ``-correct``: how each method compares with ``class_space`` on the correctly classified
+  images only.
 
 ``MODEL/RUN/tie-shift`` shows how much each AUC moved from ``RUN_raster_ties`` (the same
 model's first run, with ties broken in raster order, re-scored by ``benchmarks/first_run.py``)
-to ``RUN`` (ties broken at random), and which verdicts changed.
+to ``RUN`` (ties broken at random), and which verdicts changed; ``MODEL/RUN/upsample-shift``
+the same from ``RUN`` (bilinear upsampling) to ``RUN_nearest`` (patch-aligned, from
+``faithfulness.py --upsample nearest``).
 
 A verdict is ``better`` or ``worse`` (in the curve's direction) only where the paired 95 %
-bootstrap interval of the difference excludes zero, ``tie`` otherwise; the last column counts
-them. The reference's own row is left out of the comparison tables. The text between the
-markers is replaced; everything else of the README is left alone.
+bootstrap interval of the difference excludes zero, ``tie`` otherwise. A fragile verdict (its
+interval ends within 0.2 % of the AUC scale of zero, or it changes under a second bootstrap
+seed: see ``class_space_saliency.evaluation.report``) is shown in parentheses; the last column
+counts better / tie / worse / fragile, leaving fragile verdicts and derived columns
+(``road2022/combined``, marked) out of the first three. The reference's own row is left out of
+the comparison tables. The text between the markers is replaced; everything else of the README
+is left alone.
 
 Example:
     python benchmarks/readme_tables.py            # rewrite the tables in README.md
@@ -41,6 +49,8 @@ import json
 import re
 import sys
 from pathlib import Path
+
+from class_space_saliency.evaluation.report import verdict as interval_verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = re.compile(
@@ -65,25 +75,33 @@ def _cell(value: float | None, low: float | None, high: float | None, decimals: 
     return f"{value:.{decimals}f} [{low:.{decimals}f}, {high:.{decimals}f}]"
 
 
-COMPARISONS = {"": "rows", "diff": "rows", "verdict": "rows", "vs-random": "rows_vs_random"}
+COMPARISONS = {
+    "": "rows",
+    "diff": "rows",
+    "verdict": "rows",
+    "vs-random": "rows_vs_random",
+    "correct": "rows_correct",
+}
 """Table kind suffix -> key of the run's rows it reads."""
+SHIFTS = {"tie-shift": "{run}_raster_ties", "upsample-shift": "{run}_nearest"}
+"""Shift table kind -> the other run it compares ``RUN`` with."""
 
 
 def verdict(row: dict, higher_is_better: bool) -> str:
     """``better``/``worse``/``tie`` of ``row["method"]`` against the row's reference.
 
     ``row["diff"]`` is ``AUC(reference) - AUC(method)`` with a paired 95 % interval; the method
-    is better or worse only where that interval excludes zero.
+    is better or worse only where that interval excludes zero. In parentheses where the row
+    says the verdict is fragile.
     """
-    if row["diff_low"] > 0:
-        return "worse" if higher_is_better else "better"
-    if row["diff_high"] < 0:
-        return "better" if higher_is_better else "worse"
-    return "tie"
+    found = interval_verdict(row["diff_low"], row["diff_high"], higher_is_better)
+    return f"({found})" if row.get("fragile") else found
 
 
 def _verdict_counts(cells: list[str]) -> str:
-    return " / ".join(str(cells.count(v)) for v in ("better", "tie", "worse"))
+    counts = [cells.count(v) for v in ("better", "tie", "worse")]
+    counts.append(sum(cell.startswith("(") for cell in cells))
+    return " / ".join(str(count) for count in counts)
 
 
 def render(run: dict, kind: str) -> str:
@@ -93,7 +111,7 @@ def render(run: dict, kind: str) -> str:
         run: ``{"sections": [{"name", "higher_is_better", "rule"}], "rows": [...],
             "rows_vs_random": [...], "missing": [[section, method], ...]}``.
         kind: ``faithfulness`` or ``localisation``, optionally with a suffix ``-diff``,
-            ``-verdict`` or ``-vs-random``.
+            ``-verdict``, ``-vs-random`` or ``-correct``.
 
     Returns:
         The table, one line per method in row order, ending with a newline.
@@ -119,7 +137,8 @@ def render(run: dict, kind: str) -> str:
 
     def name(section: dict) -> str:
         shown = section["name"].removeprefix(LOCALISATION)
-        return f"{shown} {'↑' if section['higher_is_better'] else '↓'}"
+        derived = " (derived)" if section.get("derived") and counted else ""
+        return f"{shown} {'↑' if section['higher_is_better'] else '↓'}{derived}"
 
     def cell(section: dict, row: dict) -> str:
         if suffix == "diff":
@@ -128,8 +147,8 @@ def render(run: dict, kind: str) -> str:
             return "" if row["diff"] is None else verdict(row, section["higher_is_better"])
         return _cell(row["auc"], row["auc_low"], row["auc_high"], _decimals(section))
 
-    counted = suffix in ("verdict", "vs-random")
-    header = [name(s) for s in sections] + (["better / tie / worse"] if counted else [])
+    counted = suffix in ("verdict", "vs-random", "correct")
+    header = [name(s) for s in sections] + (["better / tie / worse / fragile"] if counted else [])
     lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for method in methods:
         cells = []
@@ -142,23 +161,30 @@ def render(run: dict, kind: str) -> str:
         if suffix and not any(cells):
             continue  # the reference
         if counted:
-            cells.append(_verdict_counts(cells))
+            kept = [c for c, s in zip(cells, sections, strict=True) if not s.get("derived")]
+            cells.append(_verdict_counts(kept))
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def render_tie_shift(new: dict, old: dict) -> str:
+def render_shift(new: dict, old: dict) -> str:
     """AUC(new) - AUC(old) per method and curve both runs have, with the verdicts that changed.
 
     Args:
-        new: The rerun (``models[MODEL][RUN]``).
-        old: The same model's first run re-scored (``models[MODEL][RUN_raster_ties]``).
+        new: The run after the change (``models[MODEL][RUN]`` for ``tie-shift``,
+            ``models[MODEL][RUN_nearest]`` for ``upsample-shift``).
+        old: The run before it (``RUN_raster_ties``, or ``RUN`` with bilinear upsampling).
 
     Returns:
         The Markdown table; a cell reads ``+0.012`` or, where a verdict against
         ``class_space`` or ``random`` changed, e.g. ``-0.030 (vs random: worse → tie)``.
     """
-    curves = [s for s in old["sections"] if any(n["name"] == s["name"] for n in new["sections"])]
+    curves = [
+        s
+        for s in old["sections"]
+        if not s["name"].startswith(LOCALISATION)
+        and any(n["name"] == s["name"] for n in new["sections"])
+    ]
     tables = {
         (run_name, key): {(r["protocol"], r["method"]): r for r in run[key]}
         for run_name, run in (("new", new), ("old", old))
@@ -174,6 +200,9 @@ def render_tie_shift(new: dict, old: dict) -> str:
         cells = []
         for section in curves:
             pair = (section["name"], method)
+            if pair not in tables["new", "rows"] or pair not in tables["old", "rows"]:
+                cells.append("")  # e.g. random_shared beside a curve it does not run on
+                continue
             shift = tables["new", "rows"][pair]["auc"] - tables["old", "rows"][pair]["auc"]
             decimals = _decimals(section)
             cell = f"{round(shift, decimals) + 0.0:+.{decimals}f}"  # + 0.0: no "-0.000"
@@ -224,12 +253,15 @@ def fill(readme: str, results: dict) -> str:
                 raise ValueError(f"table {match['key']}: no demo summary for {model}")
             summary = json.loads(DEMO_SUMMARIES[model].read_text())
             return match.group(1) + render_identifiability(summary) + match.group(4)
-        runs = [run, f"{run}_raster_ties"] if kind == "tie-shift" else [run]
+        other = SHIFTS.get(kind)
+        runs = [run] if other is None else [run, other.format(run=run)]
+        if kind == "upsample-shift":
+            runs.reverse()  # new: the nearest run; old: the bilinear one
         try:
             data = [results["models"][model][name] for name in runs]
         except KeyError:
             raise ValueError(f"table {match['key']}: no results for {model}/{runs}") from None
-        table = render_tie_shift(*data) if kind == "tie-shift" else render(data[0], kind)
+        table = render(data[0], kind) if other is None else render_shift(*data)
         return match.group(1) + table + match.group(4)
 
     text, count = MARKER.subn(replace, readme)

@@ -40,7 +40,10 @@ DEFAULT_MODEL = "fashion-scenes"
 """``models.DEFAULT_MODEL``."""
 
 PROTOCOL_PRESETS = ("chefer2021", "rise2018", "vilas2023", "road2022")
-"""``evaluation.PRESETS``."""
+"""The protocol presets (``evaluation.PRESETS``), named before torch is imported."""
+
+UPSAMPLE_MODES = ("bilinear", "nearest")
+"""``--upsample`` choices (``methods.base.UPSAMPLE_MODES``), named before torch is imported."""
 
 DEMO_METHODS = ("class_space", "class_space_gradient")
 """Methods the demo's side-by-side figure shows first."""
@@ -184,7 +187,20 @@ def add_benchmark_parser(
     )
     parser.add_argument("--out", default="benchmark_results", help="run folder (resumable)")
     parser.add_argument("--max-batch-size", type=int, default=256, help="inputs per forward")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per chunk, saved together (default: one image, more once images prove "
+        "fast: as many as take about 10 s)",
+    )
+    parser.add_argument(
+        "--upsample",
+        choices=UPSAMPLE_MODES,
+        default="bilinear",
+        help="how pixel protocols upsample patch maps: bilinear (Chefer et al.) or nearest "
+        "(patch-aligned)",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the sample, the random method, the bootstrap"
     )

@@ -1,5 +1,5 @@
 """Statistics of the package, in one place: rank correlation, signed-rank, McNemar and
-permutation tests.
+permutation tests, and the bootstrap of the benchmark's intervals.
 
 Every test here is checked against SciPy in ``tests/test_stats.py``.
 """
@@ -335,3 +335,77 @@ def _log_pmf_sum(ks: torch.Tensor, n: int) -> float:
 def _normal_sf(z: float) -> float:
     """Upper tail of the standard normal distribution."""
     return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """Indices of ``n_boot`` bootstrap resamples of ``n`` observations.
+
+    Drawn as ``scipy.stats.bootstrap`` draws them (``rng.integers(0, n, (n_boot, n))`` with
+    ``rng = numpy.random.default_rng(seed)``), so the intervals below equal scipy's
+    ``method="percentile"`` intervals for the same seed.
+
+    Args:
+        n: Observations (images).
+        n_boot: Resamples.
+        seed: Seed of the generator.
+
+    Returns:
+        (n_boot, n) int64 indices in ``[0, n)``.
+
+    Raises:
+        ValueError: If ``n`` or ``n_boot`` is below 1.
+
+    Example:
+        >>> bootstrap_indices(3, 2, seed=0).shape
+        (2, 3)
+    """
+    if n < 1 or n_boot < 1:
+        raise ValueError(f"n and n_boot must be >= 1, got n={n}, n_boot={n_boot}")
+    return np.random.default_rng(seed).integers(0, n, (n_boot, n))
+
+
+def bootstrap_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """Resampling weights: how often each observation occurs in each resample, over ``n``.
+
+    ``bootstrap_weights(n, b, s) @ values`` is the mean of every resample of
+    :func:`bootstrap_indices` ``(n, b, s)``, for values of any trailing shape (e.g. per-image
+    curves (n, S)): one matrix product instead of ``b`` gathers.
+
+    Returns:
+        (n_boot, n) float64 weights; each row sums to 1.
+
+    Example:
+        >>> bootstrap_weights(4, 1000, seed=0).sum(1).min()
+        np.float64(1.0)
+    """
+    indices = bootstrap_indices(n, n_boot, seed)
+    rows = np.arange(n_boot)[:, None] * n
+    counts = np.bincount((indices + rows).ravel(), minlength=n_boot * n)
+    return counts.reshape(n_boot, n) / n
+
+
+def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The central percentile interval of a bootstrap distribution (linear interpolation).
+
+    Args:
+        samples: (n_boot,) bootstrap replicates of a statistic.
+        confidence: Coverage of the interval, in (0, 1).
+
+    Returns:
+        ``(low, high)``: the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles.
+
+    Raises:
+        ValueError: For a confidence outside (0, 1) or no samples.
+
+    Example:
+        >>> percentile_interval(np.arange(5.0), confidence=0.5)
+        (1.0, 3.0)
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.size == 0:
+        raise ValueError("no bootstrap samples")
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(samples, [alpha, 1 - alpha])
+    return float(low), float(high)

@@ -83,6 +83,7 @@ def test_names_offered_before_import_equal_the_registry_and_presets():
     from class_space_saliency import models, sanity
     from class_space_saliency.evaluation import PRESETS
     from class_space_saliency.methods import VARIANTS, list_methods
+    from class_space_saliency.methods.base import UPSAMPLE_MODES
 
     assert tuple(list_methods(needs_fitting=False)) == _cli_common.BUILTIN_METHODS
     assert tuple(VARIANTS) == _cli_common.BUILTIN_VARIANTS
@@ -90,6 +91,7 @@ def test_names_offered_before_import_equal_the_registry_and_presets():
     assert tuple(models.EMBEDDED_MODELS) == _cli_common.EMBEDDED_MODELS
     assert _cli_common.DEFAULT_MODEL == models.DEFAULT_MODEL
     assert tuple(PRESETS) == _cli_common.PROTOCOL_PRESETS
+    assert _cli_common.UPSAMPLE_MODES == UPSAMPLE_MODES
     assert set(_cli_common.BENCHMARK_METHODS) <= set(list_methods())
     from class_space_saliency.visualize import colormap_names
 

@@ -122,11 +122,12 @@ def test_records_and_report(reference):
     assert all(f.stat().st_size > 0 for f in report.files)
     markdown = (out_dir / "report.md").read_text()
     assert (
-        "clean accuracy: 0.7143" in markdown
+        "clean accuracy 0.7143 (5 classified correctly)" in markdown
         and "## vilas2023/negative (higher is better)" in markdown
+        and "## Verdicts on the 5 correctly classified images only" in markdown
     )
     csv_lines = (out_dir / "report.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + 6 * 2
+    assert len(csv_lines) == 1 + 6 * 2 * 2  # all images, then the correct ones
     config = load_config(out_dir)
     assert config["n"] == 7 and config["methods"][1] == {
         "name": "first_block",
@@ -448,6 +449,9 @@ def test_benchmark_command(model, tmp_path, monkeypatch, capsys):
     )
     assert args.func(args) == 0
     assert "clean accuracy" in capsys.readouterr().out
+    config = load_config(tmp_path / "a")
+    assert config["model"]["name"] == "toy"  # the embedded model's name, not "default"
+    assert config["localisation"] == {"upsample": None}
     records = load_records(tmp_path / "a")  # the embedded set has masks: localisation too
     assert (
         sorted(r["protocol"] for r in records) == ["localisation"] * 3 + ["vilas2023/positive"] * 3
@@ -464,11 +468,14 @@ def test_benchmark_command(model, tmp_path, monkeypatch, capsys):
             "class_space",
             "--protocols",
             "chefer2021/negative",
+            "--upsample",
+            "nearest",
             "--out",
             str(tmp_path / "c"),
         ]
     )
     assert args.func(args) == 0
+    assert load_config(tmp_path / "c")["protocols"][0]["upsample"] == "nearest"
     assert "truncated.jpg" in (tmp_path / "c" / "report.md").read_text()
     out = capsys.readouterr()
     records = load_records(tmp_path / "c")

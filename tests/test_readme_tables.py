@@ -125,12 +125,18 @@ def test_faithfulness_script_writes_what_the_tables_read(tiny_vit, tmp_path):
     model = tiny_vit("plain")
     images, labels = tiny_benchmark_data(4, model)
     report = run_benchmark(
-        model, (images, labels, box_masks(images)), ["class_space", "random"],
-        ["road2022", "vilas2023/positive"], (0.5,) * 3, (0.5,) * 3, tmp_path / "run",
-        batch_size=3, progress=False, n_boot=50,
-    )  # fmt: skip
+        model,
+        (images, labels, box_masks(images)),
+        ["class_space", "random"],
+        ["road2022", "vilas2023/positive"],
+        (0.5,) * 3,
+        (0.5,) * 3,
+        tmp_path / "run",
+        batch_size=3,
+        progress=False,
+    )  # fmt: skip  (the script summarises with the default n_boot too)
     path = tmp_path / "faithfulness.json"
-    summary = faithfulness["run_summary"](report, report)
+    summary = faithfulness["summarize_folder"](tmp_path / "run")
     faithfulness["update_results"](path, "toy", {"main": summary})
     faithfulness["update_results"](path, "toy", {"ablation": summary})
     results = json.loads(path.read_text())

@@ -58,16 +58,17 @@ def run() -> dict:
 
 def test_verdicts_follow_the_curve_direction_and_the_interval(run):
     assert tables["render"](run, "faithfulness-verdict") == (
-        "| method | vilas2023/positive ↓ | vilas2023/negative ↑ | better / tie / worse |\n"
+        "| method | vilas2023/positive ↓ | vilas2023/negative ↑ "
+        "| better / tie / worse / fragile |\n"
         "|---|---|---|---|\n"
-        "| `a` | better | worse | 1 / 0 / 1 |\n"
-        "| `b` | worse | tie | 0 / 1 / 1 |\n"
+        "| `a` | better | worse | 1 / 0 / 1 / 0 |\n"
+        "| `b` | worse | tie | 0 / 1 / 1 / 0 |\n"
     )
 
 
 def test_versus_random_reads_its_own_rows(run):
     assert tables["render"](run, "faithfulness-vs-random").splitlines()[2:] == [
-        "| `class_space` | worse | better | 1 / 0 / 1 |"
+        "| `class_space` | worse | better | 1 / 0 / 1 / 0 |"
     ]
     del run["rows_vs_random"]
     with pytest.raises(ValueError, match="rows_vs_random"):
@@ -89,10 +90,46 @@ def test_tie_shift_gives_auc_moves_and_changed_verdicts(run):
         r for r in new["rows"] if r["method"] == "a" and r["protocol"] == "vilas2023/positive"
     )
     a_down.update(auc=0.375, diff_low=-0.01, diff_high=0.02)
-    assert tables["render_tie_shift"](new, old).splitlines() == [
+    assert tables["render_shift"](new, old).splitlines() == [
         "| method | vilas2023/positive | vilas2023/negative |",
         "|---|---|---|",
         "| `class_space` | +0.000 | +0.000 |",
         "| `a` | -0.125 (vs class_space: better → tie) | +0.000 |",
         "| `b` | +0.000 | +0.000 |",
     ]
+
+
+def test_fragile_verdicts_are_marked_and_derived_columns_not_counted(run):
+    run["sections"].append({"name": "road2022/combined", "higher_is_better": True,
+                            "rule": "mean", "derived": True})  # fmt: skip
+    a_up = next(r for r in run["rows"] if (r["method"], r["protocol"]) == ("a", DOWN))
+    a_up["fragile"] = True
+    run["rows"].append(comparison("road2022/combined", "a", 0.01, 0.05))  # worse, not counted
+    run["rows_correct"] = run["rows"]
+    for kind in ("faithfulness-verdict", "faithfulness-correct"):
+        lines = tables["render"](run, kind).splitlines()
+        assert lines[0].endswith(
+            "| road2022/combined ↑ (derived) | better / tie / worse / fragile |"
+        )
+        assert lines[2] == "| `a` | (better) | worse | worse | 0 / 0 / 1 / 1 |"
+    del run["rows_correct"]
+    with pytest.raises(ValueError, match="rows_correct"):
+        tables["render"](run, "faithfulness-correct")
+
+
+def test_upsample_shift_compares_the_nearest_run_with_the_bilinear_one(run):
+    import copy
+
+    nearest = copy.deepcopy(run)
+    row = next(r for r in nearest["rows"] if (r["method"], r["protocol"]) == ("a", DOWN))
+    row.update(auc=0.375, diff_low=-0.01, diff_high=0.02)
+    for version in (run, nearest):  # a method with rows for one curve only
+        version["rows"].append(comparison(DOWN, "random_shared", -0.1, -0.05))
+    results = {"models": {"m": {"main": run, "main_nearest": nearest}}}
+    marker = "<!-- table:m/main/upsample-shift:{} -->"
+    readme = marker.format("start") + "\n" + marker.format("end") + "\n"
+    filled = tables["fill"](readme, results)
+    assert "| `a` | -0.125 (vs class_space: better → tie) | +0.000 |" in filled
+    assert "| `random_shared` | +0.000 |  |" in filled
+    with pytest.raises(ValueError, match="main_nearest"):
+        tables["fill"](readme, {"models": {"m": {"main": run}}})

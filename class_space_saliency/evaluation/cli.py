@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from .._cli_common import (
 )
 from ..hub import WeightsUnavailableError
 from .datasets import ImageFolderDataset, as_dataset, balanced_order, match_class_folders
+from .protocols import resolve_protocols
 from .runner import run_benchmark
 
 DEFAULT_METHODS = BENCHMARK_METHODS
@@ -72,6 +74,9 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     embedded_names = ("default", *EMBEDDED_MODELS)
+    model_name = DEFAULT_MODEL if args.model == "default" else args.model
+    if args.weights is not None:
+        model_name = f"{model_name}:{args.weights}"
     if args.data is None and args.model not in embedded_names:
         print(
             f"error: --model {args.model} has no embedded evaluation set; pass --data with an "
@@ -98,11 +103,15 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
             dataset = ImageFolderDataset(args.data, preprocessing, class_to_idx)
             labels = dataset.labels
         dataset = Subset(dataset, balanced_order(labels, args.seed))
+        protocols = [
+            dataclasses.replace(p, upsample=args.upsample) if p.unit == "pixel" else p
+            for p in resolve_protocols(args.protocols)
+        ]
         report = run_benchmark(
             model.to(device),
             dataset,
             args.methods,
-            args.protocols,
+            protocols,
             preprocessing.mean,
             preprocessing.std,
             args.out,
@@ -111,7 +120,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
             n=args.num_images,
             seed=args.seed,
             method_kwargs={"random": {"seed": args.seed}} if "random" in args.methods else None,
-            model_name=args.model if args.weights is None else f"{args.model}:{args.weights}",
+            model_name=model_name,
         )
     except WeightsUnavailableError as error:
         print(f"error: {weights_unavailable_line(args.model, error.reason)}", file=sys.stderr)

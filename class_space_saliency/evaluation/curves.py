@@ -254,7 +254,7 @@ def _unit_values(
         )
     maps = maps.to(images.device, torch.float32)
     if protocol.unit == "pixel":
-        maps = upsample_maps(maps, images.shape[-2:])
+        maps = upsample_maps(maps, images.shape[-2:], protocol.upsample)
     return maps.flatten(1), (maps.shape[-2], maps.shape[-1])
 
 
@@ -374,6 +374,41 @@ def perturbation_scores(
         for name, curves in scores.items():
             curves[r, s] = score_logits(every, targets[rows], name).cpu()
     return x, scores
+
+
+def shared_random_order_maps(
+    grid: tuple[int, int], orders: int, order: str, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Maps whose perturbation order is one of the official shared random token orders.
+
+    Order ``p`` is ``π = torch.randperm(N, generator=torch.Generator().manual_seed(p))`` of
+    the ``N = h * w`` image tokens (Vilas et al.'s ``compute_random``); removing ``n`` tokens
+    keeps ``π[: N - n]``. The map of order ``p`` ranks the tokens so that a deletion curve in
+    the direction ``order`` removes them from the end of ``π``: values ``N - j`` at ``π[j]``
+    for ``"negative"`` (least salient first), ``j + 1`` for ``"positive"``. All values
+    differ, so no tie-break is involved.
+
+    Args:
+        grid: The patch grid (h, w).
+        orders: Number of orders ``k`` (seeds ``0 … k-1``).
+        order: The protocol's ``"positive"`` or ``"negative"``.
+        device: Device of the maps.
+
+    Returns:
+        (k, 1, h, w) float32 maps, the same for every image.
+
+    Example:
+        >>> shared_random_order_maps((1, 3), 1, "negative")  # randperm(3) of seed 0: [2, 0, 1]
+        tensor([[[[2., 1., 3.]]]])
+    """
+    count = grid[0] * grid[1]
+    position = torch.arange(count, dtype=torch.float32)
+    value = count - position if order == "negative" else position + 1
+    maps = torch.empty(orders, count)
+    for seed in range(orders):
+        permutation = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+        maps[seed, permutation] = value
+    return maps.view(orders, 1, *grid).to(device)
 
 
 @torch.no_grad()

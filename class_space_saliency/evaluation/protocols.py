@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .._deprecation import deprecated_aliases
 from .._validation import check_choice
+from ..methods.base import UPSAMPLE_MODES
 
 UNITS = ("pixel", "patch", "token")
 ORDERS = ("positive", "negative")
@@ -26,6 +27,8 @@ CURVE_SCORES = ("accuracy", "probability", "logit")
 """What a perturbation curve records at each step (``PerturbationProtocol.score``)."""
 CLASSES = ("label", "predicted")
 AUC_RULES = ("trapezoid", "trapezoid_percent", "max_normalised_sum", "mean")
+SHARED_RANDOM = "random_shared"
+"""Method name of the records of the official random baseline (``shared_random_orders``)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class PerturbationProtocol:
         steps: Fractions of the units perturbed at each point of the curve; the count at
             fraction ``f`` of ``N`` units is ``floor(f * N)``. ``None``: every count
             ``k = 1 … N-1`` (the x value is then ``k / N``).
-        unit: ``"pixel"`` (the patch map bilinearly upsampled to the input), ``"patch"``
+        unit: ``"pixel"`` (the patch map upsampled to the input, see ``upsample``), ``"patch"``
             (whole patches of the patch grid) or ``"token"`` (image tokens removed from the
             sequence after the position embeddings are added; timm ViTs only).
         order: ``"positive"``: the most salient units are perturbed first; ``"negative"``:
@@ -67,6 +70,25 @@ class PerturbationProtocol:
         blur_kernel_size: Gaussian kernel size of the ``"blur"`` baseline.
         blur_sigma: Gaussian sigma of the ``"blur"`` baseline.
         impute_noise: Noise std of the ``"impute"`` baseline (normalised space).
+        upsample: How the pixel unit turns the patch map into pixels: ``"bilinear"``
+            (``align_corners=False``, as Chefer et al.'s code; the default of every preset)
+            or ``"nearest"`` (patch-aligned: every pixel takes its patch's value, and ties
+            within a patch are broken at random). Bilinear blending ranks the pixels inside a
+            patch by its neighbours and gives the outer 2 pixels of the image frame the border
+            patches' unblended values; compare both to see how much a verdict rests on it.
+            Only the pixel unit reads it.
+        shared_random_orders: ``k > 0`` (token unit only): the run adds the official random
+            baseline of Vilas et al. (2023) as the method ``"random_shared"``: each image's
+            curve is the mean over ``k`` random token orders shared by all images, order ``p``
+            being ``torch.randperm(N, generator=torch.Generator().manual_seed(p))`` and step
+            ``n`` keeping its first ``N - n`` tokens, for the positive and the negative test
+            alike (so both AUCs are equal, 0.7159 in the paper with ``k = 10``). The
+            library's per-image seeded ``"random"`` map stays the default random method.
+            Official code (``explain_perturbation.py``, ``compute_random``): it seeds the
+            global RNG per order, draws ``randperm(49)`` (ViT-B/32's token count, for every
+            model) and averages the dataset accuracy over the 10 orders; as written it does
+            not run (called with arguments it does not take, on a data loader it never
+            builds). Here ``N`` is the model's number of image tokens.
 
     Example:
         >>> import dataclasses
@@ -87,6 +109,8 @@ class PerturbationProtocol:
     blur_sigma: float = 5.0
     extra_scores: tuple[str, ...] = ()
     impute_noise: float = 0.01
+    upsample: str = "bilinear"
+    shared_random_orders: int = 0
 
     def __post_init__(self) -> None:
         check_choice("unit", self.unit, UNITS)
@@ -118,6 +142,12 @@ class PerturbationProtocol:
             raise ValueError("baseline='impute' needs unit='pixel' and mode='deletion'")
         if not self.impute_noise >= 0:
             raise ValueError(f"impute_noise must be >= 0, got {self.impute_noise!r}")
+        check_choice("upsample", self.upsample, UPSAMPLE_MODES)
+        orders = self.shared_random_orders
+        if isinstance(orders, bool) or not isinstance(orders, int) or orders < 0:
+            raise ValueError(f"shared_random_orders must be an int >= 0, got {orders!r}")
+        if orders and self.unit != "token":
+            raise ValueError("shared_random_orders needs unit='token' (the official baseline)")
 
     @property
     def preset(self) -> str:

@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from .protocols import PerturbationProtocol, protocol_to_dict
+
 CONFIG_FILE = "config.json"
 SHARD_GLOBS = ("results.rank*.jsonl", "results.rank*.jsonl.gz")
 LOCALISATION = "localisation"
@@ -52,6 +54,16 @@ def _read_jsonl(path: Path) -> tuple[list[dict], int]:
 def _normalize(config: dict) -> dict:
     """``config`` as it reads back from JSON (tuples become lists)."""
     return json.loads(json.dumps(config))
+
+
+def with_protocol_defaults(config: dict) -> dict:
+    """``config`` with each protocol's knobs completed by their defaults.
+
+    A run written before a knob existed ran with its default (e.g. ``upsample="bilinear"``),
+    so it resumes and grows under today's config.
+    """
+    protocols = [protocol_to_dict(PerturbationProtocol(**knobs)) for knobs in config["protocols"]]
+    return _normalize({**config, "protocols": protocols})
 
 
 GROWABLE = ("n", "methods", "protocols")
@@ -113,7 +125,7 @@ class ResultStore:
         """
         if not self.config_path.exists():
             return _normalize(config)
-        stored = json.loads(self.config_path.read_text())
+        stored = with_protocol_defaults(json.loads(self.config_path.read_text()))
         try:
             return merge_configs(stored, config)
         except ValueError as error:
