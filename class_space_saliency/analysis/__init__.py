@@ -11,6 +11,14 @@ tuple, a dataset or any iterable of such batches, e.g. a ``DataLoader``; see
   logit and the top-1 class.
 - :func:`context_identifiability`, :func:`context_removal` (:mod:`.context`, with object
   masks): object vs context tokens, and what remains when either is removed.
+- :func:`knockout`, :func:`attention_knockout` (:mod:`.knockouts`): identifiability with image
+  tokens attending only to themselves, or not to [CLS].
+- :func:`patch`, :func:`patching_grid` (:mod:`.patching`): which activations of a clean run
+  restore the label's logit in a corrupted one.
+- :func:`value_vectors`, :func:`value_vector_classes`, :func:`key_value_agreement`
+  (:mod:`.memories`): the sublayers as key-value memories in class space.
+- :func:`linear_probes` (:mod:`.probes`): ridge probes against the projection.
+- :func:`run_analyses` (:mod:`.report`): all of them into one report folder (``analyze``).
 
 Example:
     >>> from class_space_saliency import analysis
