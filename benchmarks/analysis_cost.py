@@ -3,8 +3,9 @@
 Every row of :data:`ANALYSES` is a named callable ``run(model, baseline, data)`` over the
 embedded fashion-scenes model (``models.load_default()``), a same-architecture model with
 fresh random weights as the baseline, and ``data = (images, labels, masks)`` from
-``data.load_default_eval(n, masks=True)``. Add a row to add an analysis (the interventions
-will): nothing else changes.
+``data.load_default_eval(n, masks=True)`` (patching's corrupted images: the same images rolled
+by one). Add a row to add an analysis: nothing else changes. The patching grids run one forward
+pass per site, so they are timed on the first ``--grid-images`` images only (:data:`SMALL`).
 
 Timing (``speedkit.timing``): each row alternates its call with the plain forward of the same
 images (``torch.no_grad()``, batches of the analyses' default 32) for at least 5 timed rounds
@@ -66,8 +67,33 @@ ANALYSES: dict[str, Analysis] = {
         m, d, baseline=b
     ),
     "context_removal (both)": lambda m, b, d: analysis.context_removal(m, d),
+    "knockout self_only: one forward pass inside": lambda m, b, d: knocked_forward(
+        m, d, "self_only"
+    ),
+    "knockout no_cls: one forward pass inside": lambda m, b, d: knocked_forward(m, d, "no_cls"),
+    "attention_knockout (unperturbed + 2 modes)": lambda m, b, d: analysis.attention_knockout(
+        m, d[:2], progress=False
+    ),
+    "patch: one residual site": lambda m, b, d: analysis.patch(
+        m, d[0], d[0].roll(1, 0), analysis.Site("residual", 3, tokens=0)
+    ),
+    "patching_grid block x head": lambda m, b, d: analysis.patching_grid(
+        m, d[:2], d[0].roll(1, 0), grids="head", progress=False
+    ),
+    "patching_grid block x token": lambda m, b, d: analysis.patching_grid(
+        m, d[:2], d[0].roll(1, 0), grids="token", progress=False
+    ),
 }
 """The rows: name -> analysis (see :data:`Analysis`)."""
+
+SMALL = {"patching_grid block x head", "patching_grid block x token"}
+"""Rows timed on the first ``--grid-images`` images (one forward pass per patched site)."""
+
+
+def knocked_forward(model: nn.Module, data: Data, mode: str) -> None:
+    """One forward pass of the images with the attention of every block knocked out."""
+    with torch.no_grad(), analysis.knockout(model, mode):
+        forward(model, data[0])
 
 
 def forward(model: nn.Module, images: torch.Tensor) -> None:
@@ -89,26 +115,31 @@ def measure(
     analyses: Mapping[str, Analysis],
     model: nn.Module,
     baseline: nn.Module,
-    batch: Data,
+    data: Data,
+    small: Data,
     repeats: Repeats,
 ) -> list[dict]:
     """Time every analysis against the forward pass of the same images.
 
     Returns:
-        One row per analysis: name, rounds, and per-image milliseconds (median and quartiles)
-        of the analysis and the forward pass, and their paired ratio.
+        One row per analysis: name, images, rounds, and per-image milliseconds (median and
+        quartiles) of the analysis and the forward pass, and their paired ratio.
     """
-    images = len(batch[0])
     rows = []
     for name, run in analyses.items():
-        calls = {"analysis": lambda run=run: run(model, baseline, batch)}
-        calls["forward"] = lambda: forward(model, batch[0])
+        batch = small if name in SMALL else data
+        images = len(batch[0])
+        calls = {
+            "analysis": lambda run=run, batch=batch: run(model, baseline, batch),
+            "forward": lambda batch=batch: forward(model, batch[0]),
+        }
         round_s, _ = warm_up(calls)
         times = interleave(calls, repeats.count(round_s))
         per_image = {key: summary(value).scaled(1000 / images) for key, value in times.items()}
         rows.append(
             dict(
                 name=name,
+                images=images,
                 rounds=len(times["analysis"]),
                 analysis_ms_per_image=dataclasses.asdict(per_image["analysis"]),
                 forward_ms_per_image=dataclasses.asdict(per_image["forward"]),
@@ -119,7 +150,7 @@ def measure(
     return rows
 
 
-def render(rows: Sequence[dict], images: int) -> str:
+def render(rows: Sequence[dict]) -> str:
     """The rows as a Markdown table (medians with interquartile ranges)."""
 
     def spread(figure: dict, digits: int) -> str:
@@ -127,15 +158,15 @@ def render(rows: Sequence[dict], images: int) -> str:
         return f"{value} [{low}, {high}]"
 
     lines = [
-        f"Cost per image on the embedded fashion-scenes model ({images} images with masks, "
-        f"batches of {BATCH_SIZE}; median [interquartile range])",
+        "Cost per image on the embedded fashion-scenes model (images with masks, batches of "
+        f"{BATCH_SIZE}; median [interquartile range])",
         "",
-        "| analysis | ms / image | forward ms / image | × forward | rounds |",
-        "|---|---|---|---|---|",
+        "| analysis | images | ms / image | forward ms / image | × forward | rounds |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['name']} | {spread(row['analysis_ms_per_image'], 3)} | "
+            f"| {row['name']} | {row['images']} | {spread(row['analysis_ms_per_image'], 3)} | "
             f"{spread(row['forward_ms_per_image'], 3)} | {spread(row['ratio'], 2)} | "
             f"{row['rounds']} |"
         )
@@ -149,6 +180,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--images", type=int, default=128, help="images (with masks), <= 1000")
+    parser.add_argument(
+        "--grid-images", type=int, default=8, help="images of the patching-grid rows"
+    )
     parser.add_argument(
         "--repeats",
         type=int,
@@ -172,14 +206,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, _ = models.load_default()
     baseline = random_baseline(model)
     batch = data.load_default_eval(args.images, masks=True)
+    small = tuple(tensor[: args.grid_images] for tensor in batch)
     analyses = {name: ANALYSES[name] for name in args.only} if args.only else ANALYSES
     repeats = Repeats(fixed=args.repeats) if args.repeats else Repeats()
-    rows = measure(analyses, model, baseline, batch, repeats)
-    table = render(rows, args.images)
+    rows = measure(analyses, model, baseline, batch, small, repeats)
+    table = render(rows)
     print(table)
     report = dict(
         environment=environment(args.threads),
         images=args.images,
+        grid_images=args.grid_images,
         repeats=args.repeats,
         batch_size=BATCH_SIZE,
         model="fashion-scenes (embedded)",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -33,17 +32,6 @@ COMMANDS = {
     "attribute (1 photo)": ["attribute", "photo.png", "--methods", "class_space", "chefer"],
 }
 """Command name -> arguments of ``python -m class_space_saliency``."""
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def children_cpu_seconds() -> float:
@@ -78,16 +66,11 @@ def main() -> None:
     import torch
     from PIL import Image
     from skimage import data as photos
+    from speedkit.render import environment
 
+    machine = environment(torch.get_num_threads())
     results = {
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_before": round(os.getloadavg()[0], 2),
-        },
+        "machine": {**machine, "load_average_before": round(os.getloadavg()[0], 2)},
         "commands": {},
     }
     with tempfile.TemporaryDirectory() as scratch:
