@@ -73,15 +73,20 @@ RESULTS_FORMAT = 2
 
 
 def run_summary(
-    report: BenchmarkReport, versus_random: BenchmarkReport, correct: BenchmarkReport
+    report: BenchmarkReport,
+    versus_random: BenchmarkReport,
+    correct: BenchmarkReport,
+    versus_chefer: BenchmarkReport | None = None,
 ) -> dict:
     """The JSON entry of one run: accuracy, sections (tables), rows and missing pairs.
 
     ``rows`` compare every method with ``class_space`` (``report``), ``rows_vs_random`` with
     ``random`` (``versus_random``: the same records summarised with ``reference="random"``),
     ``rows_correct`` with ``class_space`` on the correctly classified images only
-    (``correct``). Rows carry their verdict and whether it is fragile; ``localisation`` says
-    how maps were compared with masks (runs before the setting existed upsampled bilinearly).
+    (``correct``), ``rows_vs_chefer`` with ``chefer`` (where the run has it: the field's
+    strongest simple baseline). Rows carry their verdict and whether it is fragile;
+    ``localisation`` says how maps were compared with masks (runs before the setting existed
+    upsampled bilinearly).
     """
     return {
         "clean_accuracy": report.clean_accuracy,
@@ -101,27 +106,34 @@ def run_summary(
         "rows": [dataclasses.asdict(row) for row in report.rows],
         "rows_vs_random": [dataclasses.asdict(row) for row in versus_random.rows],
         "rows_correct": [dataclasses.asdict(row) for row in correct.rows],
+        **(
+            {}
+            if versus_chefer is None
+            else {"rows_vs_chefer": [dataclasses.asdict(row) for row in versus_chefer.rows]}
+        ),
     }
 
 
 def summarize_folder(folder: Path) -> dict:
     """The JSON entry (:func:`run_summary`) of a run folder's records, with the run's seed."""
     config, records = load_config(folder), load_records(folder)
-    report, versus_random, correct = (
+    comparisons = [("class_space", "all"), ("random", "all"), ("class_space", "correct")]
+    if any(method["name"] == "chefer" for method in config["methods"]):
+        comparisons.append(("chefer", "all"))
+    reports = [
         summarize(records, config, reference=reference, seed=config["seed"], subset=subset)
-        for reference, subset in (
-            ("class_space", "all"),
-            ("random", "all"),
-            ("class_space", "correct"),
-        )
-    )
-    return run_summary(report, versus_random, correct)
+        for reference, subset in comparisons
+    ]
+    return run_summary(*reports)
 
 
 def run_protocols(run: str, upsample: str, shared_random_orders: int) -> list:
-    """The protocols of a run: pixel ones with ``upsample``; the official random in main."""
+    """The protocols of a run: pixel ones with ``upsample`` (only those where it is not the
+    default bilinear: the others do not upsample); the official random in main."""
     protocols = []
     for protocol in resolve_protocols(PROTOCOLS):
+        if upsample != "bilinear" and protocol.unit != "pixel":
+            continue
         if protocol.unit == "pixel":
             protocol = dataclasses.replace(protocol, upsample=upsample)
         if protocol.unit == "token" and run == "main":

@@ -1,6 +1,7 @@
-"""Write the README's result tables from the committed benchmark JSON, or check them.
+"""Write the result tables of the README and the docs from the committed JSON, or check them.
 
-Every table of the README sits between two marker comments::
+Every table of the README and of the docs pages (``docs/**/*.md``) sits between two marker
+comments::
 
     <!-- table:MODEL/RUN/KIND:start -->
     | method | ... |
@@ -20,13 +21,18 @@ perturbation curve and derived ROAD value: AUC [95 % bootstrap interval]) or ``l
 - ``-verdict``: how each method compares with ``class_space``;
 - ``-vs-random``: how each method compares with ``random`` on the same images;
 - ``-correct``: how each method compares with ``class_space`` on the correctly classified
-  images only.
+  images only;
+- ``-vs-chefer``: how each method compares with ``chefer`` (Chefer et al.'s gradient
+  rollout, the field's strongest simple baseline) on the same images.
 
-``MODEL/RUN/tie-shift`` shows how much each AUC moved from ``RUN_raster_ties`` (the same
-model's first run, with ties broken in raster order, re-scored by ``benchmarks/first_run.py``)
-to ``RUN`` (ties broken at random), and which verdicts changed; ``MODEL/RUN/upsample-shift``
-the same from ``RUN`` (bilinear upsampling) to ``RUN_nearest`` (patch-aligned, from
-``faithfulness.py --upsample nearest``).
+``MODEL/diagnose/METHOD`` is the octile table of one method from
+``benchmarks/results/diagnose_ranking_MODEL.json`` (``benchmarks/diagnose_ranking.py``), and
+``all/timings/timings`` the timing table of ``benchmarks/results/timings.json``
+(``benchmarks/timings.py``).
+
+``MODEL/RUN/upsample-shift`` shows how much each AUC moved from ``RUN`` (bilinear upsampling)
+to ``RUN_nearest`` (patch-aligned, from ``faithfulness.py --upsample nearest``), and which
+verdicts changed.
 
 A verdict is ``better`` or ``worse`` (in the curve's direction) only where the paired 95 %
 bootstrap interval of the difference excludes zero, ``tie`` otherwise. A fragile verdict (its
@@ -38,8 +44,8 @@ the comparison tables. The text between the markers is replaced; everything else
 is left alone.
 
 Example:
-    python benchmarks/readme_tables.py            # rewrite the tables in README.md
-    python benchmarks/readme_tables.py --check    # exit 1 if README.md differs from the JSON
+    python benchmarks/readme_tables.py            # rewrite the tables of README.md and docs/
+    python benchmarks/readme_tables.py --check    # exit 1 if a page differs from the JSON
 """
 
 from __future__ import annotations
@@ -81,9 +87,10 @@ COMPARISONS = {
     "verdict": "rows",
     "vs-random": "rows_vs_random",
     "correct": "rows_correct",
+    "vs-chefer": "rows_vs_chefer",
 }
 """Table kind suffix -> key of the run's rows it reads."""
-SHIFTS = {"tie-shift": "{run}_raster_ties", "upsample-shift": "{run}_nearest"}
+SHIFTS = {"upsample-shift": "{run}_nearest"}
 """Shift table kind -> the other run it compares ``RUN`` with."""
 
 
@@ -111,7 +118,7 @@ def render(run: dict, kind: str) -> str:
         run: ``{"sections": [{"name", "higher_is_better", "rule"}], "rows": [...],
             "rows_vs_random": [...], "missing": [[section, method], ...]}``.
         kind: ``faithfulness`` or ``localisation``, optionally with a suffix ``-diff``,
-            ``-verdict``, ``-vs-random`` or ``-correct``.
+            ``-verdict``, ``-vs-random``, ``-correct`` or ``-vs-chefer``.
 
     Returns:
         The table, one line per method in row order, ending with a newline.
@@ -147,7 +154,7 @@ def render(run: dict, kind: str) -> str:
             return "" if row["diff"] is None else verdict(row, section["higher_is_better"])
         return _cell(row["auc"], row["auc_low"], row["auc_high"], _decimals(section))
 
-    counted = suffix in ("verdict", "vs-random", "correct")
+    counted = suffix in ("verdict", "vs-random", "correct", "vs-chefer")
     header = [name(s) for s in sections] + (["better / tie / worse / fragile"] if counted else [])
     lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for method in methods:
@@ -171,9 +178,8 @@ def render_shift(new: dict, old: dict) -> str:
     """AUC(new) - AUC(old) per method and curve both runs have, with the verdicts that changed.
 
     Args:
-        new: The run after the change (``models[MODEL][RUN]`` for ``tie-shift``,
-            ``models[MODEL][RUN_nearest]`` for ``upsample-shift``).
-        old: The run before it (``RUN_raster_ties``, or ``RUN`` with bilinear upsampling).
+        new: The run after the change (``models[MODEL][RUN_nearest]``: patch-aligned).
+        old: The run before it (``models[MODEL][RUN]``: bilinear upsampling).
 
     Returns:
         The Markdown table; a cell reads ``+0.012`` or, where a verdict against
@@ -238,6 +244,35 @@ def render_identifiability(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_timings(timings: dict) -> str:
+    """What a user waits for (``benchmarks/timings.py``): wall and CPU time per command."""
+    machine = timings["machine"]
+    lines = ["| command | wall time | CPU time |", "|---|---|---|"]
+    for name, row in timings["commands"].items():
+        command = "class-space-saliency " + " ".join(row["arguments"])
+        lines.append(f"| `{command}` ({name}) | {row['wall_seconds']:.1f} s | "
+                     f"{row['cpu_seconds']:.1f} s |")  # fmt: skip
+    gpu = machine["gpu"] or "no GPU"
+    lines += [
+        "",
+        f"*Measured by `benchmarks/timings.py` (`benchmarks/results/timings.json`): "
+        f"{machine['cpu']}, {machine['cpu_count']} cores, torch {machine['torch']} with "
+        f"{machine['torch_threads']} threads, {gpu}; load average "
+        f"{machine['load_average_before']} before the run.*",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_diagnosis(diagnosis: dict, method: str) -> str:
+    """One method's octile table of ``benchmarks/diagnose_ranking.py``."""
+    columns = diagnosis["columns"]
+    lines = ["| octile | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for octile, row in enumerate(diagnosis["octiles"][method], 1):
+        cells = [f"{value:.1f}" for value in row[:-1]] + [f"{row[-1]:.3f}"]
+        lines.append(f"| {octile} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def fill(readme: str, results: dict) -> str:
     """``readme`` with every marked table rewritten from ``results`` (the JSON).
 
@@ -248,15 +283,20 @@ def fill(readme: str, results: dict) -> str:
 
     def replace(match: re.Match) -> str:
         model, run, kind = match["key"].split("/")
+        if run == "diagnose":  # MODEL/diagnose/METHOD: the ranking diagnosis of one method
+            path = ROOT / "benchmarks" / "results" / f"diagnose_ranking_{model}.json"
+            table = render_diagnosis(json.loads(path.read_text()), kind)
+            return match.group(1) + table + match.group(4)
+        if kind == "timings":
+            timings = json.loads((ROOT / "benchmarks" / "results" / "timings.json").read_text())
+            return match.group(1) + render_timings(timings) + match.group(4)
         if kind == "identifiability":
             if model not in DEMO_SUMMARIES:
                 raise ValueError(f"table {match['key']}: no demo summary for {model}")
             summary = json.loads(DEMO_SUMMARIES[model].read_text())
             return match.group(1) + render_identifiability(summary) + match.group(4)
         other = SHIFTS.get(kind)
-        runs = [run] if other is None else [run, other.format(run=run)]
-        if kind == "upsample-shift":
-            runs.reverse()  # new: the nearest run; old: the bilinear one
+        runs = [run] if other is None else [other.format(run=run), run]  # new, old
         try:
             data = [results["models"][model][name] for name in runs]
         except KeyError:
@@ -270,34 +310,47 @@ def fill(readme: str, results: dict) -> str:
     return text
 
 
+def pages() -> list[Path]:
+    """The README and every docs page with at least one table marker."""
+    found = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    return [page for page in found if MARKER.search(page.read_text())]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument(
+        "--pages", type=Path, nargs="+", default=None, help="default: README.md and docs/"
+    )
     parser.add_argument(
         "--results", type=Path, default=ROOT / "benchmarks" / "results" / "faithfulness.json"
     )
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README differs")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page differs")
     args = parser.parse_args(argv)
-    readme = args.readme.read_text()
-    try:
-        filled = fill(readme, json.loads(args.results.read_text()))
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.check:
-        if filled != readme:
-            stale = [
+    results = json.loads(args.results.read_text())
+    stale = 0
+    for page in args.pages or pages():
+        text = page.read_text()
+        try:
+            filled = fill(text, results)
+        except ValueError as error:
+            print(f"error: {page}: {error}", file=sys.stderr)
+            return 2
+        if filled == text:
+            continue
+        if args.check:
+            keys = [
                 m["key"]
-                for m, n in zip(MARKER.finditer(readme), MARKER.finditer(filled), strict=True)
+                for m, n in zip(MARKER.finditer(text), MARKER.finditer(filled), strict=True)
                 if m["body"] != n["body"]
             ]
-            print(f"{args.readme} differs from {args.results} in: {', '.join(stale)}")
-            return 1
-        print(f"{args.readme} tables match {args.results}")
-        return 0
-    args.readme.write_text(filled)
-    print(f"wrote the tables of {args.readme}")
-    return 0
+            print(f"{page} differs from {args.results} in: {', '.join(keys)}")
+            stale += 1
+        else:
+            page.write_text(filled)
+            print(f"wrote the tables of {page}")
+    if args.check and not stale:
+        print(f"every table matches {args.results}")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

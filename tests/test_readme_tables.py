@@ -1,4 +1,5 @@
-"""benchmarks/readme_tables.py: the README's result tables are what the committed JSON gives."""
+"""benchmarks/readme_tables.py: the result tables of the README and the docs are what the
+committed JSON gives."""
 
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def test_check_fails_on_a_stale_readme_and_writing_fixes_it(tmp_path):
     )
     stale = f"intro\n{start}\n| old |\n{end}\nrest\n"
     readme.write_text(stale)
-    arguments = ["--readme", str(readme), "--results", str(results)]
+    arguments = ["--pages", str(readme), "--results", str(results)]
     assert tables["main"]([*arguments, "--check"]) == 1
     assert readme.read_text() == stale
     assert tables["main"](arguments) == 0
@@ -153,3 +154,11 @@ def test_faithfulness_script_writes_what_the_tables_read(tiny_vit, tmp_path):
         "| method | pointing_game ↑ | relevance_mass ↑ | relevance_rank ↑ | mask_auroc ↑ |"
     )
     assert len(tables["render"](main, "localisation-diff").splitlines()) == 3  # random only
+
+
+def test_timings_table_reads_the_committed_measurements(tmp_path):
+    timings = json.loads((ROOT / "benchmarks" / "results" / "timings.json").read_text())
+    table = tables["render_timings"](timings)
+    for name, row in timings["commands"].items():
+        assert f"({name}) | {row['wall_seconds']:.1f} s | {row['cpu_seconds']:.1f} s |" in table
+    assert timings["machine"]["cpu"] in table

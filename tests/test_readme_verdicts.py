@@ -66,13 +66,17 @@ def test_verdicts_follow_the_curve_direction_and_the_interval(run):
     )
 
 
-def test_versus_random_reads_its_own_rows(run):
-    assert tables["render"](run, "faithfulness-vs-random").splitlines()[2:] == [
+@pytest.mark.parametrize("reference", ["random", "chefer"])
+def test_versus_random_and_chefer_read_their_own_rows(run, reference):
+    key = f"rows_vs_{reference}"
+    run[key] = [{**row, "method": row["method"].replace("random", reference)}
+                for row in run["rows_vs_random"]]  # fmt: skip
+    assert tables["render"](run, f"faithfulness-vs-{reference}").splitlines()[2:] == [
         "| `class_space` | worse | better | 1 / 0 / 1 / 0 |"
     ]
-    del run["rows_vs_random"]
-    with pytest.raises(ValueError, match="rows_vs_random"):
-        tables["render"](run, "faithfulness-vs-random")
+    del run[key]
+    with pytest.raises(ValueError, match=key):
+        tables["render"](run, f"faithfulness-vs-{reference}")
 
 
 def test_unknown_suffix_is_refused(run):
@@ -80,7 +84,7 @@ def test_unknown_suffix_is_refused(run):
         tables["render"](run, "faithfulness-verdicts")
 
 
-def test_tie_shift_gives_auc_moves_and_changed_verdicts(run):
+def test_shift_gives_auc_moves_and_changed_verdicts(run):
     import copy
 
     old = copy.deepcopy(run)
