@@ -57,13 +57,22 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
     if not blocks:
         pytest.skip("no Python blocks")
     monkeypatch.chdir(tmp_path)
+    from class_space_saliency.methods import registry
+
+    tables = (registry._REGISTRY, registry.METHODS, registry.VARIANTS)
+    saved = [dict(table) for table in tables]  # pages may register methods: undone below
     # a real module, so that what the blocks define (dataclasses, registered methods) has one
     module = types.ModuleType(f"docs_{page.stem.replace('-', '_')}")
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    for line, code in blocks:
-        try:
-            exec(compile(code, f"{page.name}:{line}", "exec"), module.__dict__)
-        except Exception as error:  # name the block that failed
-            raise AssertionError(
-                f"{page.relative_to(ROOT)}, block at line {line}: {error!r}"
-            ) from error
+    try:
+        for line, code in blocks:
+            try:
+                exec(compile(code, f"{page.name}:{line}", "exec"), module.__dict__)
+            except Exception as error:  # name the block that failed
+                raise AssertionError(
+                    f"{page.relative_to(ROOT)}, block at line {line}: {error!r}"
+                ) from error
+    finally:
+        for table, copy in zip(tables, saved, strict=True):
+            table.clear()
+            table.update(copy)
