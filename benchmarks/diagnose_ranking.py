@@ -19,7 +19,8 @@ in the first octiles and the ones it ignores in the last. Results:
 ``benchmarks/results/diagnose_ranking_<model>.{json,md}``.
 
 Example:
-    python benchmarks/diagnose_ranking.py --model fashion-scenes --num-images 1000
+    python benchmarks/diagnose_ranking.py --model fashion-scenes --num-images 1000 \
+        --probes benchmarks/results/memories_probes_fashion_scenes/linear_probes.pt
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from class_space_saliency.data import load_default_eval
 from class_space_saliency.evaluation.curves import perturbation_ranks
 from class_space_saliency.methods import create_method, list_methods
 from class_space_saliency.models import load_default
+from class_space_saliency.probing import LinearProbes
 from class_space_saliency.projection import target_class_column
 
 OCTILES = 8
@@ -124,7 +126,12 @@ def main() -> None:
     parser.add_argument("--model", choices=("fashion-scenes", "fashion"), default="fashion-scenes")
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--methods", nargs="+", default=None, help="default: every method")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="default: every method built from its name"
+    )
+    parser.add_argument(
+        "--probes", type=Path, help="fitted LinearProbes (file or folder): adds linear_probe"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     start = time.time()
@@ -132,8 +139,11 @@ def main() -> None:
     images, labels, masks = load_default_eval(
         args.num_images, dataset=args.model, masks=True, preprocessing=preprocessing
     )
-    methods = args.methods or list_methods()
+    methods = args.methods or list_methods(needs_fitting=False)
     explainers = {name: create_method(name, model) for name in methods}
+    if args.probes is not None:
+        probes = LinearProbes.load(args.probes)
+        explainers["linear_probe"] = create_method("linear_probe", model, probes=probes)
     sums: dict[str, torch.Tensor] = {}
     for begin in range(0, len(images), args.batch_size):
         part = slice(begin, begin + args.batch_size)

@@ -72,22 +72,30 @@ ABLATION = {
 RESULTS_FORMAT = 2
 
 
+REFERENCES = ("random", "chefer", "class_space_gradient_paper")
+"""Methods every method is also compared with, where the run has them (``rows_vs_<name>``):
+the seeded random map, the field's strongest simple baseline and the paper's own map."""
+
+
 def run_summary(
-    report: BenchmarkReport,
-    versus_random: BenchmarkReport,
-    correct: BenchmarkReport,
-    versus_chefer: BenchmarkReport | None = None,
+    report: BenchmarkReport, correct: BenchmarkReport, versus: dict[str, BenchmarkReport]
 ) -> dict:
     """The JSON entry of one run: accuracy, sections (tables), rows and missing pairs.
 
-    ``rows`` compare every method with ``class_space`` (``report``), ``rows_vs_random`` with
-    ``random`` (``versus_random``: the same records summarised with ``reference="random"``),
-    ``rows_correct`` with ``class_space`` on the correctly classified images only
-    (``correct``), ``rows_vs_chefer`` with ``chefer`` (where the run has it: the field's
-    strongest simple baseline). Rows carry their verdict and whether it is fragile;
-    ``localisation`` says how maps were compared with masks (runs before the setting existed
-    upsampled bilinearly).
+    Args:
+        report: Every method against ``class_space`` (``rows``).
+        correct: The same on the correctly classified images only (``rows_correct``).
+        versus: Reference name -> the same records summarised with that reference
+            (``rows_vs_<name>``).
+
+    Returns:
+        The entry; rows carry their verdict and whether it is fragile, ``localisation``
+        says how maps were compared with masks.
     """
+
+    def rows(summary: BenchmarkReport) -> list[dict]:
+        return [dataclasses.asdict(row) for row in summary.rows]
+
     return {
         "clean_accuracy": report.clean_accuracy,
         "n_images": report.n_images,
@@ -103,28 +111,22 @@ def run_summary(
             for s in report.sections
         ],
         "missing": [list(pair) for pair in report.missing],
-        "rows": [dataclasses.asdict(row) for row in report.rows],
-        "rows_vs_random": [dataclasses.asdict(row) for row in versus_random.rows],
-        "rows_correct": [dataclasses.asdict(row) for row in correct.rows],
-        **(
-            {}
-            if versus_chefer is None
-            else {"rows_vs_chefer": [dataclasses.asdict(row) for row in versus_chefer.rows]}
-        ),
+        "rows": rows(report),
+        "rows_correct": rows(correct),
+        **{f"rows_vs_{name}": rows(summary) for name, summary in versus.items()},
     }
 
 
 def summarize_folder(folder: Path) -> dict:
     """The JSON entry (:func:`run_summary`) of a run folder's records, with the run's seed."""
     config, records = load_config(folder), load_records(folder)
-    comparisons = [("class_space", "all"), ("random", "all"), ("class_space", "correct")]
-    if any(method["name"] == "chefer" for method in config["methods"]):
-        comparisons.append(("chefer", "all"))
-    reports = [
-        summarize(records, config, reference=reference, seed=config["seed"], subset=subset)
-        for reference, subset in comparisons
-    ]
-    return run_summary(*reports)
+
+    def report(reference: str, subset: str = "all") -> BenchmarkReport:
+        return summarize(records, config, reference=reference, seed=config["seed"], subset=subset)
+
+    methods = {method["name"] for method in config["methods"]}
+    versus = {name: report(name) for name in REFERENCES if name in methods}
+    return run_summary(report("class_space"), report("class_space", "correct"), versus)
 
 
 def run_protocols(run: str, upsample: str, shared_random_orders: int) -> list:

@@ -22,8 +22,9 @@ perturbation curve and derived ROAD value: AUC [95 % bootstrap interval]) or ``l
 - ``-vs-random``: how each method compares with ``random`` on the same images;
 - ``-correct``: how each method compares with ``class_space`` on the correctly classified
   images only;
-- ``-vs-chefer``: how each method compares with ``chefer`` (Chefer et al.'s gradient
-  rollout, the field's strongest simple baseline) on the same images.
+- ``-vs-METHOD``: how each method compares with ``METHOD`` on the same images, where the run
+  compared with it (``benchmarks/faithfulness.py``'s ``REFERENCES``: ``random``, ``chefer``,
+  the field's strongest simple baseline, and ``class_space_gradient_paper``, the paper's map).
 
 ``MODEL/diagnose/METHOD`` is the octile table of one method from
 ``benchmarks/results/diagnose_ranking_MODEL.json`` (``benchmarks/diagnose_ranking.py``), and
@@ -81,15 +82,23 @@ def _cell(value: float | None, low: float | None, high: float | None, decimals: 
     return f"{value:.{decimals}f} [{low:.{decimals}f}, {high:.{decimals}f}]"
 
 
-COMPARISONS = {
-    "": "rows",
-    "diff": "rows",
-    "verdict": "rows",
-    "vs-random": "rows_vs_random",
-    "correct": "rows_correct",
-    "vs-chefer": "rows_vs_chefer",
-}
-"""Table kind suffix -> key of the run's rows it reads."""
+COMPARISONS = {"": "rows", "diff": "rows", "verdict": "rows", "correct": "rows_correct"}
+"""Table kind suffix -> key of the run's rows it reads (``vs-METHOD`` reads ``rows_vs_METHOD``)."""
+
+
+def rows_key(suffix: str) -> str:
+    """The key of the run's rows that a table kind's suffix reads.
+
+    Raises:
+        ValueError: For a suffix that is neither in :data:`COMPARISONS` nor ``vs-METHOD``.
+    """
+    if suffix in COMPARISONS:
+        return COMPARISONS[suffix]
+    if suffix.startswith("vs-") and len(suffix) > 3:
+        return "rows_vs_" + suffix.removeprefix("vs-")
+    raise ValueError(f"unknown table kind suffix {suffix!r}")
+
+
 SHIFTS = {"upsample-shift": "{run}_nearest"}
 """Shift table kind -> the other run it compares ``RUN`` with."""
 
@@ -118,7 +127,7 @@ def render(run: dict, kind: str) -> str:
         run: ``{"sections": [{"name", "higher_is_better", "rule"}], "rows": [...],
             "rows_vs_random": [...], "missing": [[section, method], ...]}``.
         kind: ``faithfulness`` or ``localisation``, optionally with a suffix ``-diff``,
-            ``-verdict``, ``-vs-random``, ``-correct`` or ``-vs-chefer``.
+            ``-verdict``, ``-correct`` or ``-vs-METHOD``.
 
     Returns:
         The table, one line per method in row order, ending with a newline.
@@ -127,14 +136,14 @@ def render(run: dict, kind: str) -> str:
         ValueError: For an unknown kind or a run without sections or comparisons of that kind.
     """
     base, _, suffix = kind.partition("-")
-    if base not in ("faithfulness", "localisation") or suffix not in COMPARISONS:
+    if base not in ("faithfulness", "localisation"):
         raise ValueError(f"unknown table kind {kind!r}")
+    key = rows_key(suffix)
     sections = [
         s for s in run["sections"] if s["name"].startswith(LOCALISATION) == (base == "localisation")
     ]
     if not sections:
         raise ValueError(f"the run has no {base} results")
-    key = COMPARISONS[suffix]
     if key not in run:
         raise ValueError(f"the run has no {key} (rerun benchmarks/faithfulness.py)")
     rows = {(r["protocol"], r["method"]): r for r in run[key]}
@@ -154,7 +163,7 @@ def render(run: dict, kind: str) -> str:
             return "" if row["diff"] is None else verdict(row, section["higher_is_better"])
         return _cell(row["auc"], row["auc_low"], row["auc_high"], _decimals(section))
 
-    counted = suffix in ("verdict", "vs-random", "correct", "vs-chefer")
+    counted = suffix not in ("", "diff")
     header = [name(s) for s in sections] + (["better / tie / worse / fragile"] if counted else [])
     lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for method in methods:
@@ -183,7 +192,8 @@ def render_shift(new: dict, old: dict) -> str:
 
     Returns:
         The Markdown table; a cell reads ``+0.012`` or, where a verdict against
-        ``class_space`` or ``random`` changed, e.g. ``-0.030 (vs random: worse → tie)``.
+        ``class_space`` or another reference of both runs changed, e.g.
+        ``-0.030 (vs random: worse → tie)``.
     """
     curves = [
         s
@@ -191,10 +201,11 @@ def render_shift(new: dict, old: dict) -> str:
         if not s["name"].startswith(LOCALISATION)
         and any(n["name"] == s["name"] for n in new["sections"])
     ]
+    keys = ["rows"] + [k for k in old if k.startswith("rows_vs_") and k in new]
     tables = {
         (run_name, key): {(r["protocol"], r["method"]): r for r in run[key]}
         for run_name, run in (("new", new), ("old", old))
-        for key in ("rows", "rows_vs_random")
+        for key in keys
     }
     rerun = {r["method"] for r in new["rows"]}
     methods = [m for m in dict.fromkeys(r["method"] for r in old["rows"]) if m in rerun]
@@ -212,7 +223,8 @@ def render_shift(new: dict, old: dict) -> str:
             shift = tables["new", "rows"][pair]["auc"] - tables["old", "rows"][pair]["auc"]
             decimals = _decimals(section)
             cell = f"{round(shift, decimals) + 0.0:+.{decimals}f}"  # + 0.0: no "-0.000"
-            for key, against in (("rows", "class_space"), ("rows_vs_random", "random")):
+            for key in keys:
+                against = key.removeprefix("rows_vs_") if key != "rows" else "class_space"
                 before, after = tables["old", key].get(pair), tables["new", key].get(pair)
                 if before is None or after is None or before["diff"] is None:
                     continue

@@ -66,7 +66,7 @@ def test_verdicts_follow_the_curve_direction_and_the_interval(run):
     )
 
 
-@pytest.mark.parametrize("reference", ["random", "chefer"])
+@pytest.mark.parametrize("reference", ["random", "chefer", "class_space_gradient_paper"])
 def test_versus_random_and_chefer_read_their_own_rows(run, reference):
     key = f"rows_vs_{reference}"
     run[key] = [{**row, "method": row["method"].replace("random", reference)}
