@@ -259,11 +259,15 @@ def render_identifiability(summary: dict) -> str:
 def render_timings(timings: dict) -> str:
     """What a user waits for (``benchmarks/timings.py``): wall and CPU time per command."""
     machine = timings["machine"]
+
+    def seconds(value: float) -> str:
+        return f"{value:.2f} s" if value < 1 else f"{value:.1f} s"
+
     lines = ["| command | wall time | CPU time |", "|---|---|---|"]
-    for name, row in timings["commands"].items():
+    for row in timings["commands"].values():
         command = "class-space-saliency " + " ".join(row["arguments"])
-        lines.append(f"| `{command}` ({name}) | {row['wall_seconds']:.1f} s | "
-                     f"{row['cpu_seconds']:.1f} s |")  # fmt: skip
+        wall, cpu = seconds(row["wall_seconds"]), seconds(row["cpu_seconds"])
+        lines.append(f"| `{command}` | {wall} | {cpu} |")
     gpu = machine["gpu"] or "no GPU"
     lines += [
         "",

@@ -159,6 +159,16 @@ def test_faithfulness_script_writes_what_the_tables_read(tiny_vit, tmp_path):
 def test_timings_table_reads_the_committed_measurements(tmp_path):
     timings = json.loads((ROOT / "benchmarks" / "results" / "timings.json").read_text())
     table = tables["render_timings"](timings)
-    for name, row in timings["commands"].items():
-        assert f"({name}) | {row['wall_seconds']:.1f} s | {row['cpu_seconds']:.1f} s |" in table
+    for row in timings["commands"].values():
+        assert f"| `class-space-saliency {' '.join(row['arguments'])}` | " in table
     assert timings["machine"]["cpu"] in table
+    # under a second, two decimals (0.04 s is not "0.0 s"); otherwise one
+    timings["commands"] = {
+        "help": {"arguments": ["--help"], "wall_seconds": 0.04, "cpu_seconds": 0.036},
+        "demo": {"arguments": ["demo"], "wall_seconds": 16.96, "cpu_seconds": 16.87},
+    }
+    lines = tables["render_timings"](timings).splitlines()
+    assert lines[2:4] == [
+        "| `class-space-saliency --help` | 0.04 s | 0.04 s |",
+        "| `class-space-saliency demo` | 17.0 s | 16.9 s |",
+    ]
