@@ -27,7 +27,9 @@ perturbation curve and derived ROAD value: AUC [95 % bootstrap interval]) or ``l
   the field's strongest simple baseline, and ``class_space_gradient_paper``, the paper's map).
 
 ``MODEL/diagnose/METHOD`` is the octile table of one method from
-``benchmarks/results/diagnose_ranking_MODEL.json`` (``benchmarks/diagnose_ranking.py``), and
+``benchmarks/results/diagnose_ranking_MODEL.json`` (``benchmarks/diagnose_ranking.py``),
+``MODEL/diagnose/extremes`` the top and bottom octiles of the default map, the contribution
+map, ``chefer`` and ``random`` side by side, and
 ``all/timings/timings`` the timing table of ``benchmarks/results/timings.json``
 (``benchmarks/timings.py``).
 
@@ -289,6 +291,27 @@ def render_diagnosis(diagnosis: dict, method: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+EXTREMES = ("class_space", "class_space_contributions", "chefer", "random")
+"""Methods of the ``MODEL/diagnose/extremes`` table."""
+
+
+def render_diagnosis_extremes(diagnosis: dict) -> str:
+    """The top and bottom octiles of :data:`EXTREMES`: [CLS] attention and logit drop."""
+    attention = diagnosis["columns"].index("[CLS] attention")
+    drop = diagnosis["columns"].index("logit drop")
+    lines = [
+        "| method | top octile: [CLS] attention | top octile: logit drop "
+        "| bottom octile: [CLS] attention | bottom octile: logit drop |",
+        "|---|---|---|---|---|",
+    ]
+    for method in EXTREMES:
+        top, bottom = diagnosis["octiles"][method][0], diagnosis["octiles"][method][-1]
+        cells = [f"{top[attention]:.1f} %", f"{top[drop]:.3f}"]
+        cells += [f"{bottom[attention]:.1f} %", f"{bottom[drop]:.3f}"]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def fill(readme: str, results: dict) -> str:
     """``readme`` with every marked table rewritten from ``results`` (the JSON).
 
@@ -299,9 +322,13 @@ def fill(readme: str, results: dict) -> str:
 
     def replace(match: re.Match) -> str:
         model, run, kind = match["key"].split("/")
-        if run == "diagnose":  # MODEL/diagnose/METHOD: the ranking diagnosis of one method
+        if run == "diagnose":  # MODEL/diagnose/METHOD (or /extremes): the ranking diagnosis
             path = ROOT / "benchmarks" / "results" / f"diagnose_ranking_{model}.json"
-            table = render_diagnosis(json.loads(path.read_text()), kind)
+            diagnosis = json.loads(path.read_text())
+            if kind == "extremes":
+                table = render_diagnosis_extremes(diagnosis)
+            else:
+                table = render_diagnosis(diagnosis, kind)
             return match.group(1) + table + match.group(4)
         if kind == "timings":
             timings = json.loads((ROOT / "benchmarks" / "results" / "timings.json").read_text())

@@ -172,3 +172,19 @@ def test_timings_table_reads_the_committed_measurements(tmp_path):
         "| `class-space-saliency --help` | 0.04 s | 0.04 s |",
         "| `class-space-saliency demo` | 17.0 s | 16.9 s |",
     ]
+
+
+def test_diagnosis_tables_read_the_octiles():
+    diagnosis = {
+        "columns": ["object", "[CLS] attention", "logit drop"],
+        "octiles": {
+            method: [[50.0, 10.0 + i, 0.1 * i] for i in range(8)]
+            for method in ("class_space", "class_space_contributions", "chefer", "random")
+        },
+    }
+    assert tables["render_diagnosis"](diagnosis, "chefer").splitlines()[2] == (
+        "| 1 | 50.0 | 10.0 | 0.000 |"
+    )
+    extremes = tables["render_diagnosis_extremes"](diagnosis).splitlines()
+    assert len(extremes) == 2 + 4
+    assert extremes[2] == "| `class_space` | 10.0 % | 0.000 | 17.0 % | 0.700 |"
