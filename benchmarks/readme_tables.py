@@ -31,7 +31,9 @@ perturbation curve and derived ROAD value: AUC [95 % bootstrap interval]) or ``l
 ``MODEL/diagnose/extremes`` the top and bottom octiles of the default map, the contribution
 map, ``chefer`` and ``random`` side by side, and
 ``all/timings/timings`` the timing table of ``benchmarks/results/timings.json``
-(``benchmarks/timings.py``).
+(``benchmarks/timings.py``), ``all/speed/time``, ``all/speed/memory`` and
+``all/speed/targets`` the selected ratios to the forward and the targets of
+``benchmarks/results/speed.json`` (``benchmarks/speed.py``).
 
 ``MODEL/RUN/upsample-shift`` shows how much each AUC moved from ``RUN`` (bilinear upsampling)
 to ``RUN_nearest`` (patch-aligned, from ``faithfulness.py --upsample nearest``), and which
@@ -329,6 +331,12 @@ def fill(readme: str, results: dict) -> str:
                 table = render_diagnosis_extremes(diagnosis)
             else:
                 table = render_diagnosis(diagnosis, kind)
+            return match.group(1) + table + match.group(4)
+        if run == "speed":  # all/speed/{time,memory,targets}: benchmarks/speed.py's report
+            from speedkit.render import render_selected, render_targets  # benchmarks/speedkit
+
+            report = json.loads((ROOT / "benchmarks" / "results" / "speed.json").read_text())
+            table = render_targets(report) if kind == "targets" else render_selected(report, kind)
             return match.group(1) + table + match.group(4)
         if kind == "timings":
             timings = json.loads((ROOT / "benchmarks" / "results" / "timings.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from speedkit.cells import Measurement
-from speedkit.render import render_markdown, to_json
+from speedkit.render import render_markdown, render_selected, render_targets, to_json
 from speedkit.targets import RULE, TARGETS, Target, evaluate_targets, verdict
 from speedkit.timing import (
     Repeats,
@@ -171,3 +171,13 @@ def test_evaluate_targets_and_report():
         "| class_space time - forward | default | cpu | fp32 | 1 | 1.00 ms [1.00, 2.00]" in markdown
     )
     assert "| class_space | 5.0 ms [5.0, 6.0] | 1.25x [1.25, 1.50] | 0.0 MiB (1.20x) |" in markdown
+    # the docs' selected tables (readme_tables.py all/speed/...) read the same report
+    report = to_json(meta, rows, [], results)
+    assert render_targets(report) in markdown
+    time_table = render_selected(report, "time").splitlines()
+    assert time_table[0].startswith("|  | default b=1 | default b=8")
+    assert time_table[2].startswith("| forward | 4.0 ms |")
+    assert time_table[3].startswith("| `class_space` | 1.25x [1.25, 1.50] |")
+    assert render_selected(report, "memory").splitlines()[3].startswith("| `class_space` | 1.20x |")
+    with pytest.raises(ValueError, match="quantity"):
+        render_selected(report, "speed")

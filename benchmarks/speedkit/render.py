@@ -209,11 +209,13 @@ def render_markdown(report: dict) -> str:
             lines.append(_cells([c["model"], c["device"], c["name"], *numbers,
                                  _figure(c["forward_ratio"])]))  # fmt: skip
         lines.append("")
-    lines += [
-        "## Targets",
-        "",
-        report["rule"],
-        "",
+    lines += ["## Targets", "", report["rule"], "", render_targets(report)]
+    return "\n".join(lines)
+
+
+def render_targets(report: dict) -> str:
+    """The targets of a :func:`to_json` report as a Markdown table, verdicts included."""
+    lines = [
         _cells(["target", "model", "device", "dtype", "batch", "value", "threshold", "verdict"]),
         _cells(["---"] * 4 + ["---:"] * 2 + ["---"] * 2),
     ]
@@ -223,6 +225,62 @@ def render_markdown(report: dict) -> str:
         config = [t["model"], t["device"], t["dtype"], str(t["batch_size"])]
         value = _figure(t, t["unit"], digits)
         lines.append(_cells([t["target"], *config, value, t["threshold"], verdict]))
+    return "\n".join(lines) + "\n"
+
+
+SELECTED = (
+    "class_space",
+    "class_space_all",
+    "class_space_gradient",
+    "class_space_contributions",
+    "gradcam",
+    "captum_layergradcam",
+    "rollout",
+    "chefer",
+)
+"""The measurements of :func:`render_selected`, after the forward."""
+
+
+def render_selected(report: dict, quantity: str) -> str:
+    """Time or peak memory of the :data:`SELECTED` measurements as ratios to the forward.
+
+    Args:
+        report: What :func:`to_json` returns.
+        quantity: ``"time"`` (ratio of medians [interquartile range of per-round ratios]) or
+            ``"memory"`` (ratio of peaks); the forward's row gives its own median time or
+            peak memory.
+
+    Returns:
+        A Markdown table: one row per measurement, one column per fp32 (model, device,
+        batch) cell of the report.
+
+    Raises:
+        ValueError: For another ``quantity``.
+    """
+    if quantity not in ("time", "memory"):
+        raise ValueError(f"quantity must be 'time' or 'memory', not {quantity!r}")
+    rows = [r for r in report["measurements"] if r["dtype"] == "fp32"]
+    columns = list(dict.fromkeys((r["model"], r["device"], r["batch_size"]) for r in rows))
+    cell = {(r["model"], r["device"], r["batch_size"], r["name"]): r for r in rows}
+    devices = {device for _, device, _ in columns}
+    header = [
+        f"{model}{f' {device}' if len(devices) > 1 else ''} b={batch}"
+        for model, device, batch in columns
+    ]
+    lines = [_cells(["", *header]), _cells(["---"] + ["---:"] * len(columns))]
+    for name in ("forward", *SELECTED):
+        values = [f"`{name}`" if name != "forward" else "forward"]
+        for column in columns:
+            r = cell.get((*column, name))
+            if r is None:
+                values.append("")
+            elif quantity == "memory":
+                ratio = "n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}x"
+                values.append(f"{r['peak_bytes'] / 2**20:.0f} MiB" if name == "forward" else ratio)
+            else:
+                forward = _seconds(r["time"]).split(" [")[0]
+                values.append(forward if name == "forward" else _figure(r["time_ratio"]))
+        lines.append(_cells(values))
     return "\n".join(lines) + "\n"
 
 
