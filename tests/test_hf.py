@@ -4,6 +4,7 @@ from the models' own ``output_hidden_states`` / ``output_attentions`` (eager att
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from class_space_saliency import (
     ClassSpaceSaliency,
     GradCAM,
     RawAttention,
+    ViTAnatomy,
 )
 from class_space_saliency.adapters import UnsupportedModelError
 from class_space_saliency.methods import METHODS, create_method
@@ -314,3 +316,21 @@ def test_controls_on_the_patch_grid(model, family):
     )
     noise = create_method("random", model).attribute(images)
     assert noise.shape == (3, 1, 4, 4) and ((noise >= 0) & (noise < 1)).all()
+
+
+@pytest.mark.parametrize(
+    ("family", "installed", "refused"),
+    [("vit", "5.8.0", True), ("vit", "5.9.0", False), ("dinov2", "5.17.1", True),
+     ("dinov2", "5.18.0.dev0", False), ("beit", "4.57.6", True)],
+)  # fmt: skip
+def test_older_transformers_releases_are_refused_by_name(
+    tiny_hf_vit, monkeypatch, family, installed, refused
+):
+    """Releases that lay out layers and attention otherwise are refused, not read wrongly."""
+    model = tiny_hf_vit(family)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", installed)
+    if not refused:
+        ViTAnatomy.from_model(model)
+        return
+    with pytest.raises(UnsupportedModelError, match=rf"need transformers >= 5\.\d+.*{installed}"):
+        ViTAnatomy.from_model(model)

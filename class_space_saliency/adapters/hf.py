@@ -14,11 +14,13 @@ the rows they read follow each model's ``forward``:
 
 Attention probabilities come from eager attention (switched on while hooked); attention
 modules that fix their implementation when the model is built (Data2VecVision) refuse.
-Outputs are ``ImageClassifierOutput`` objects whose ``.logits`` are used.
+Outputs are ``ImageClassifierOutput`` objects whose ``.logits`` are used. Releases of
+transformers older than :data:`MIN_TRANSFORMERS` are refused.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
@@ -54,6 +56,33 @@ def _is_hf(model: nn.Module) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
+MIN_TRANSFORMERS = {"": (5, 9), "dinov2": (5, 18), "dinov2_with_registers": (5, 18)}
+"""The oldest transformers release whose layers this library reads exactly, by model type
+(``""``: every other type): the Hugging Face tests pass from these releases on, and older
+ones lay out layers, attention and MLP differently (refused, not read wrongly)."""
+
+
+def check_transformers(model: nn.Module) -> None:
+    """Refuse a Hugging Face model from a transformers release older than it is read for.
+
+    Args:
+        model: A transformers ``PreTrainedModel``.
+
+    Raises:
+        UnsupportedModelError: Naming the installed and the needed release.
+    """
+    model_type = model.config.model_type
+    needed = MIN_TRANSFORMERS.get(model_type, MIN_TRANSFORMERS[""])
+    installed = sys.modules["transformers"].__version__
+    if tuple(int(part) for part in re.findall(r"\d+", installed)[:2]) < needed:
+        release = ".".join(map(str, needed))
+        raise UnsupportedModelError(
+            f"Hugging Face {model_type} models need transformers >= {release} (older releases "
+            f"lay out their layers and attention differently); found {installed}: "
+            f"pip install -U 'transformers>={release}'"
+        )
+
+
 def _layers(base: nn.Module) -> nn.ModuleList | None:
     for path in ("layers", "encoder.layers", "encoder.layer"):
         found = base
@@ -74,6 +103,7 @@ def matches(model: nn.Module) -> bool:
 
 def parts(model: nn.Module) -> dict:
     """ViTAnatomy parts of a Hugging Face ViT-like classifier."""
+    check_transformers(model)
     base, config = model.base_model, model.config
     layers = list(_layers(base))
     registers = int(getattr(config, "num_register_tokens", 0) or 0)

@@ -65,8 +65,9 @@ def parts(model: nn.Module) -> dict:
             pre_attention_norms=[b.norm1 for b in blocks],
             channels_last=True,
         )
-    from .hf import hf_logits
+    from .hf import check_transformers, hf_logits
 
+    check_transformers(model)
     config, base = model.config, model.swin
     blocks = list(base.encoder.layers[-1].blocks)
     return dict(
