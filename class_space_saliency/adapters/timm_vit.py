@@ -35,6 +35,13 @@ def matches(model: nn.Module) -> bool:
     return all(hasattr(model, name) for name in _NEEDED)
 
 
+def prefix_tokens(model: nn.Module) -> int:
+    """Tokens before the image tokens: ``num_prefix_tokens``, or the [CLS] token where the
+    timm release does not declare the count (ConViT, CaiT and XCiT before timm 1.0.31)."""
+    count = getattr(model, "num_prefix_tokens", None)
+    return int(count) if count is not None else int(getattr(model, "cls_token", None) is not None)
+
+
 def readout(model: nn.Module, heads: tuple[nn.Module, ...]) -> Readout:
     """The rows a timm ViT's head reads, from its ``global_pool``.
 
@@ -43,7 +50,7 @@ def readout(model: nn.Module, heads: tuple[nn.Module, ...]) -> Readout:
             ``avgmax``, attention pooling, none).
     """
     pool = getattr(model, "global_pool", "token")
-    prefix = int(model.num_prefix_tokens)
+    prefix = prefix_tokens(model)
     if pool == "token":
         return Readout(cls_rows=tuple(range(len(heads))))  # DeiT distilled: tokens 0 and 1
     if pool == "avg":
@@ -80,10 +87,11 @@ DIFFERENTIAL_ATTENTION = (
 def attention_of(blocks: list[nn.Module]) -> tuple[list[nn.Module] | None, str | None]:
     """The blocks' timm attention modules whose ``attn_drop`` input is the probabilities, or
     ``(None, reason)``."""
-    from timm.layers import DiffAttention
+    import timm.layers
 
     attention = [getattr(b, "attn", None) for b in blocks]
-    if any(isinstance(m, DiffAttention) for m in attention):
+    differential = getattr(timm.layers, "DiffAttention", None)  # newer timm releases only
+    if differential is not None and any(isinstance(m, differential) for m in attention):
         return None, DIFFERENTIAL_ATTENTION
     if all(m is not None and hasattr(m, "attn_drop") for m in attention):
         return attention, None
@@ -108,7 +116,7 @@ def parts(model: nn.Module) -> dict:
         norm=nn.Sequential(model.norm, getattr(model, "fc_norm", nn.Identity())),
         heads=heads,
         readout=readout(model, heads),
-        num_prefix_tokens=int(model.num_prefix_tokens),
+        num_prefix_tokens=prefix_tokens(model),
         patch_size=token_stride(patch_embed),
         img_size=None if getattr(model, "dynamic_img_size", False) else pair(patch_embed.img_size),
         dynamic_pad=bool(getattr(patch_embed, "dynamic_img_pad", False)),
