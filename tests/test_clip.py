@@ -202,3 +202,12 @@ def test_load_model_and_cli_take_open_clip_with_prompts(tmp_path):
     record = json.loads((out / "predictions.json").read_text())[0]
     assert record["target"]["name"] == "a tree"
     assert {c["name"] for c in record["top5"]} == set(prompts)
+
+
+def test_sequence_first_transformers_are_refused(tiny_clip, monkeypatch):
+    """open_clip before 2.26.1 passes (L, B, D) tokens with no batch_first flag: refused."""
+    clip, classifier = tiny_clip()
+    assert clip.visual.transformer.batch_first  # read as batch-first today
+    monkeypatch.delattr(clip.visual.transformer, "batch_first")
+    with pytest.raises(UnsupportedModelError, match=r"open_clip_torch>=2\.26\.1"):
+        ClassSpaceSaliency(classifier)

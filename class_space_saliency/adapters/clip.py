@@ -33,8 +33,12 @@ def parts(model: nn.Module) -> dict:
             f"this CLIP's visual tower pools with {pool!r} / an attention pooler; class-space "
             "projection needs [CLS] ('tok') or mean ('avg') pooling"
         )
-    if not getattr(visual.transformer, "batch_first", True):
-        raise UnsupportedModelError("open_clip transformers with batch_first=False are unsupported")
+    if not getattr(visual.transformer, "batch_first", False):  # open_clip < 2.26: (L, B, D)
+        raise UnsupportedModelError(
+            "open_clip transformers that are not batch-first (batch_first=False, or open_clip "
+            "releases before 2.26.1, which pass tokens as (L, B, D)) are unsupported: "
+            "pip install -U 'open_clip_torch>=2.26.1'"
+        )
     blocks = list(visual.transformer.resblocks)
     return dict(
         family=NAME,
