@@ -125,6 +125,16 @@ def add_prompts_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    """``--data ROOT``: an ImageFolder, or the embedded evaluation set of an embedded model."""
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="ImageFolder root (default: the embedded evaluation set of an embedded model; "
+        "required for any other model)",
+    )
+
+
 def add_benchmark_parser(
     subparsers: argparse._SubParsersAction, run: Callable[[argparse.Namespace], int]
 ) -> argparse.ArgumentParser:
@@ -174,12 +184,7 @@ def add_benchmark_parser(
         default=1000,
         help="images to evaluate: a class-balanced sample drawn with --seed",
     )
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="ImageFolder root (default: the embedded evaluation set of an embedded model; "
-        "required for any other model)",
-    )
+    add_data_argument(parser)
     parser.add_argument(
         "--labels-by-index",
         action="store_true",

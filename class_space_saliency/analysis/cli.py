@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .._cli_common import add_data_argument
 from .report import ANALYSES
 
 
@@ -56,12 +57,7 @@ def add_analyze_command(
     parser.add_argument(
         "--class-names", default=None, metavar="FILE", help="text file, one class name per line"
     )
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="ImageFolder root (default: the embedded evaluation set of an embedded model; "
-        "required for any other model)",
-    )
+    add_data_argument(parser)
     parser.add_argument(
         "--num-images", type=int, default=None, help="analyse the first N images (default: all)"
     )
